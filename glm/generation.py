@@ -1,0 +1,287 @@
+"""Positions, masks, sampling and the decoding loop (prefill, then one token at a time through the KV cache)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from glm.attention import attention_mask
+from glm.config import GLMConfig
+
+
+class GenerationError(ValueError):
+    """A prompt or setting generation cannot work with."""
+
+
+# ---------------------------------------------------------------------------------------------------- positions
+
+
+def prompt_layout(ids: list[int], cfg: GLMConfig) -> tuple[int, int]:
+    """(context_len, mask_pos) of one prompt: the index of `<sop>` and of `[gMASK]` (else `[MASK]`)."""
+    if cfg.bos_token_id not in ids:
+        raise GenerationError(
+            "the prompt has no <sop> token: build it with tokenizer.encode(text), which appends [gMASK] <sop>"
+        )
+    ctx = ids.index(cfg.bos_token_id)
+    mask_tok = cfg.gmask_token_id if cfg.gmask_token_id in ids else cfg.mask_token_id
+    if mask_tok not in ids:
+        raise GenerationError("the prompt has neither [gMASK] nor [MASK]: build it with tokenizer.encode(text)")
+    return ctx, ids.index(mask_tok)
+
+
+def prompt_positions(ids: list[int], cfg: GLMConfig) -> tuple[list[int], list[int]]:
+    """The two position rows of a prompt (GLM's 2D positions).
+
+    Before `<sop>`: position i, block position 0. From `<sop>` on: the position freezes at the mask's index and
+    the block position counts 1, 2, ...
+    """
+    ctx, mask_pos = prompt_layout(ids, cfg)
+    pos = [i if i < ctx else mask_pos for i in range(len(ids))]
+    block = [0 if i < ctx else i - ctx + 1 for i in range(len(ids))]
+    return pos, block
+
+
+@dataclass
+class Batch:
+    """Left-padded prompts with everything the model needs about them.
+
+    ids (B, T) long; position_ids (B, 2, T) long (pads 0); valid (B, T) bool (False on pads); context_len (B,)
+    long, the slot of `<sop>`; mask_pos (B,), lengths (B,) the unpadded prompt lengths.
+    """
+
+    ids: Tensor
+    position_ids: Tensor
+    valid: Tensor
+    context_len: Tensor
+    mask_pos: Tensor
+    lengths: Tensor
+
+    @classmethod
+    def from_prompts(cls, prompts: list[list[int]], cfg: GLMConfig, device=None) -> Batch:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise GenerationError("empty prompt: encode some text with tokenizer.encode(text)")
+        T = max(len(p) for p in prompts)
+        ids, pos, valid, ctxs, masks = [], [], [], [], []
+        for p in prompts:
+            pad = T - len(p)
+            ctx, mask_pos = prompt_layout(p, cfg)
+            # Positions are computed per sequence before padding, as the reference tokenizer does; pads get 0.
+            r0, r1 = prompt_positions(p, cfg)
+            ids.append([cfg.pad_token_id] * pad + list(p))
+            pos.append([[0] * pad + r0, [0] * pad + r1])
+            valid.append([False] * pad + [True] * len(p))
+            ctxs.append(pad + ctx)
+            masks.append(mask_pos)
+        t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
+        return cls(t(ids), t(pos), t(valid, torch.bool), t(ctxs), t(masks), t([len(p) for p in prompts]))
+
+
+def full_mask(batch: Batch, prefix: int = 0) -> Tensor:
+    """(B, 1, T, prefix + T) bool mask of an uncached forward; `prefix` P-Tuning slots come first, seen by all."""
+    B, T = batch.ids.shape
+    valid = torch.cat((batch.valid.new_ones(B, prefix), batch.valid), dim=1)
+    slots = torch.arange(prefix, prefix + T, device=batch.ids.device)
+    return attention_mask(valid, batch.context_len + prefix, slots, prefix + T)
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class SamplingConfig:
+    """How the next token is chosen. The defaults of `chat` are the official ones (see glm.chat)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50  # transformers' default, which the official chat never overrides
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+def fix_invalid_scores(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """The official rule: if any score is NaN or inf, zero them all and put 5e4 on id 5.
+
+    Branch-free (no host sync). Returns the scores and a 0-dim bool tensor saying whether the rule fired.
+    """
+    bad = ~torch.isfinite(scores).all()
+    fallback = torch.zeros_like(scores)
+    fallback[..., 5] = 5e4
+    return torch.where(bad, fallback, scores), bad
+
+
+def apply_repetition_penalty(scores: Tensor, prev_ids: Tensor, penalty: float) -> Tensor:
+    """Divide the positive scores of already-seen ids by `penalty`, multiply the negative ones (CTRL's rule)."""
+    if penalty == 1.0 or prev_ids.numel() == 0:
+        return scores
+    s = scores.gather(1, prev_ids)
+    s = torch.where(s < 0, s * penalty, s / penalty)
+    return scores.scatter(1, prev_ids, s)
+
+
+def _top_p_filter(sorted_asc: Tensor, top_p: float) -> Tensor:
+    """Mask of entries to drop, given scores sorted ascending: the low tail whose mass stays <= 1 - top_p."""
+    cum = sorted_asc.softmax(dim=-1).cumsum(dim=-1)
+    drop = cum <= (1 - top_p)
+    drop[..., -1:] = False  # always keep at least one
+    return drop
+
+
+def next_token_probs(scores: Tensor, cfg: SamplingConfig) -> tuple[Tensor, Tensor | None]:
+    """The distribution a sampled token is drawn from: temperature, then top-k, then top-p, then softmax.
+
+    Mirrors transformers' warpers, ties included (top-k keeps every score equal to the k-th largest). When top-k
+    is on and has no ties at its boundary, only the k candidates are sorted, not the whole vocabulary.
+
+    Args:
+        scores: (B, V) float32, after the invalid-score rule and repetition penalty.
+    Returns:
+        (probs, index): probs (B, n) over candidates `index` (B, n), or (B, V) probs and index None.
+    """
+    if cfg.temperature != 1.0:
+        scores = scores / cfg.temperature
+    V = scores.shape[-1]
+    k = min(cfg.top_k, V)
+    if 0 < k < V:
+        vals, idx = scores.topk(k, dim=-1)  # (B, k), descending
+        kth = vals[:, -1:]
+        if bool(((scores >= kth).sum(-1) == k).all()):  # no ties at the boundary: k candidates exactly
+            vals, idx = vals.flip(-1), idx.flip(-1)  # ascending, as the reference sorts
+            if cfg.top_p < 1.0:
+                vals = vals.masked_fill(_top_p_filter(vals, cfg.top_p), float("-inf"))
+            return vals.softmax(dim=-1), idx
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_asc, order = scores.sort(dim=-1)
+        drop = _top_p_filter(sorted_asc, cfg.top_p)
+        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return scores.softmax(dim=-1), None
+
+
+def full_probs(scores: Tensor, cfg: SamplingConfig) -> Tensor:
+    """`next_token_probs` scattered back onto the whole vocabulary, (B, V)."""
+    probs, idx = next_token_probs(scores, cfg)
+    if idx is None:
+        return probs
+    return torch.zeros_like(scores).scatter(1, idx, probs)
+
+
+def select_next(scores: Tensor, prev_ids: Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> Tensor:
+    """Next token ids (B,) from the last-position scores (B, V), with the official processors in order."""
+    scores = apply_repetition_penalty(scores, prev_ids, cfg.repetition_penalty)
+    if cfg.greedy:
+        return scores.argmax(dim=-1)
+    probs, idx = next_token_probs(scores, cfg)
+    pick = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+    if idx is not None:
+        pick = idx.gather(1, pick)
+    return pick[:, 0]
+
+
+def make_generator(seed: int | None, device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
+
+
+@torch.inference_mode()
+def generate_stream(
+    model,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
+    sampling: SamplingConfig | None = None,
+    stop_at_eos: bool = True,
+    generator: torch.Generator | None = None,
+) -> Iterator[Tensor]:
+    """Generate for a left-padded batch of prompts; yields the new token ids (B,) after every step.
+
+    Stops when every row has produced `<eop>` (with `stop_at_eos`) or the padded length reaches `max_length`
+    (default: prompt length + `max_new_tokens`). A finished row keeps being fed the pad id, as the reference does.
+    """
+    cfg = model.config
+    sampling = sampling or SamplingConfig()
+    device = model.device
+    batch = Batch.from_prompts(prompts, cfg, device)
+    B, T = batch.ids.shape
+    if max_length is None:
+        if max_new_tokens is None:
+            raise GenerationError("give max_new_tokens or max_length")
+        max_length = T + max_new_tokens
+    elif max_new_tokens is not None:
+        max_length = min(max_length, T + max_new_tokens)
+    if T >= max_length:
+        raise GenerationError(
+            f"the prompt is {T} tokens, which leaves no room under max_length={max_length}: "
+            "shorten the prompt (or the history) or raise max_length"
+        )
+
+    P = cfg.pre_seq_len or 0
+    caches = model.new_caches(B, P + max_length)
+    model.fill_prefix(caches)
+    key_valid = torch.zeros(B, P + max_length, dtype=torch.bool, device=device)
+    key_valid[:, :P] = True
+    key_valid[:, P : P + T] = batch.valid
+    ctx = batch.context_len + P
+    all_ids = torch.full((B, max_length), cfg.pad_token_id, dtype=torch.long, device=device)
+    all_ids[:, :T] = batch.ids
+
+    # Prefill: the whole prompt at once.
+    slots = torch.arange(P, P + T, device=device)
+    mask = attention_mask(key_valid, ctx, slots, P + T)
+    logits = model(batch.ids, batch.position_ids, mask, caches, slots, last_only=True)[:, -1]
+
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    nan_seen = torch.zeros((), dtype=torch.bool, device=device)
+    # The next token of row b at unpadded index i takes positions [mask_pos, i - ctx + 1].
+    block_pos = batch.lengths - (batch.context_len - (T - batch.lengths)) + 1  # that of the first new token
+    cur = T
+    while True:
+        scores, bad = fix_invalid_scores(logits)
+        nan_seen |= bad
+        nxt = select_next(scores, all_ids[:, :cur], sampling, generator)
+        nxt = torch.where(unfinished, nxt, torch.full_like(nxt, cfg.pad_token_id))
+        all_ids[:, cur] = nxt
+        cur += 1
+        yield nxt
+        if stop_at_eos:
+            unfinished &= nxt != cfg.eos_token_id
+            if not bool(unfinished.any()):
+                break
+        if cur >= max_length:
+            break
+        slot = torch.tensor([P + cur - 1], device=device)
+        key_valid[:, P + cur - 1] = True
+        pos = torch.stack((batch.mask_pos, block_pos + (cur - 1 - T)), dim=1)[:, :, None]  # (B, 2, 1)
+        mask = attention_mask(key_valid, ctx, slot, P + cur)
+        logits = model(nxt[:, None], pos, mask, caches, slot, last_only=True)[:, -1]
+    if bool(nan_seen):
+        warnings.warn(
+            "the model produced NaN/inf logits; the official fallback picked token 5. "
+            "This usually means float16 overflow: try dtype='bfloat16' or 'float32'.",
+            RuntimeWarning,
+            stacklevel=2,
+        )

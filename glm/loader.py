@@ -1,0 +1,371 @@
+"""Find a checkpoint (Hugging Face Hub repo id or local folder), read its shards, and build the model.
+
+The model is built on the meta device and every tensor is assigned as it is read, so peak host memory stays
+about one copy of the weights (less with `quant`, which quantizes each block as soon as it is complete).
+Only safetensors and `torch.load(weights_only=True)` are used: a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from glm.config import ConfigError, GLMConfig
+from glm.model import GLM
+
+DEFAULT_MODEL = "THUDM/chatglm-6b"
+HUB_PATTERNS = ["*.json", "*.model", "*.safetensors", "*.bin", "MODEL_LICENSE"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, corrupt or of another shape."""
+
+
+# Checkpoint name -> module name; "{}" is the layer index. None: present in the checkpoint, deliberately unused.
+WEIGHT_MAP: dict[str, str | None] = {
+    "transformer.word_embeddings.weight": "word_embeddings.weight",
+    "transformer.layers.{}.input_layernorm.weight": "layers.{}.input_layernorm.weight",
+    "transformer.layers.{}.input_layernorm.bias": "layers.{}.input_layernorm.bias",
+    "transformer.layers.{}.attention.query_key_value.weight": "layers.{}.attention.query_key_value.weight",
+    "transformer.layers.{}.attention.query_key_value.bias": "layers.{}.attention.query_key_value.bias",
+    "transformer.layers.{}.attention.query_key_value.weight_scale": "layers.{}.attention.query_key_value.weight_scale",
+    "transformer.layers.{}.attention.dense.weight": "layers.{}.attention.dense.weight",
+    "transformer.layers.{}.attention.dense.bias": "layers.{}.attention.dense.bias",
+    "transformer.layers.{}.attention.dense.weight_scale": "layers.{}.attention.dense.weight_scale",
+    "transformer.layers.{}.attention.rotary_emb.inv_freq": None,  # recomputed: see glm.attention.rotary_inv_freq
+    "transformer.layers.{}.post_attention_layernorm.weight": "layers.{}.post_attention_layernorm.weight",
+    "transformer.layers.{}.post_attention_layernorm.bias": "layers.{}.post_attention_layernorm.bias",
+    "transformer.layers.{}.mlp.dense_h_to_4h.weight": "layers.{}.mlp.dense_h_to_4h.weight",
+    "transformer.layers.{}.mlp.dense_h_to_4h.bias": "layers.{}.mlp.dense_h_to_4h.bias",
+    "transformer.layers.{}.mlp.dense_h_to_4h.weight_scale": "layers.{}.mlp.dense_h_to_4h.weight_scale",
+    "transformer.layers.{}.mlp.dense_4h_to_h.weight": "layers.{}.mlp.dense_4h_to_h.weight",
+    "transformer.layers.{}.mlp.dense_4h_to_h.bias": "layers.{}.mlp.dense_4h_to_h.bias",
+    "transformer.layers.{}.mlp.dense_4h_to_h.weight_scale": "layers.{}.mlp.dense_4h_to_h.weight_scale",
+    "transformer.final_layernorm.weight": "final_layernorm.weight",
+    "transformer.final_layernorm.bias": "final_layernorm.bias",
+    "transformer.prefix_encoder.embedding.weight": "prefix_encoder.weight",  # P-Tuning v2
+    "lm_head.weight": "lm_head.weight",
+    "lm_head.weight_scale": "lm_head.weight_scale",  # ours, with quantize_lm_head
+}
+_INVERSE_MAP = {v: k for k, v in WEIGHT_MAP.items() if v is not None}
+_LAYER_RE = re.compile(r"\.(\d+)\.")
+
+
+def _translate(name: str, table: dict[str, str | None]) -> str | None:
+    m = _LAYER_RE.search(name)
+    key = _LAYER_RE.sub(".{}.", name, count=1) if m else name
+    if key not in table:
+        raise KeyError(name)
+    target = table[key]
+    return target.format(m.group(1)) if (target is not None and m) else target
+
+
+def checkpoint_to_module(name: str) -> str | None:
+    """Module name of a checkpoint tensor (None for tensors we deliberately skip)."""
+    try:
+        return _translate(name, WEIGHT_MAP)
+    except KeyError:
+        raise CheckpointError(f"unexpected tensor {name!r}: this does not look like a ChatGLM-6B checkpoint") from None
+
+
+def module_to_checkpoint(name: str) -> str:
+    return _translate(name, _INVERSE_MAP)
+
+
+# ---------------------------------------------------------------------------------------------------- resolution
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve(model: str | os.PathLike = DEFAULT_MODEL, revision: str | None = None) -> Path:
+    """A local folder holding the checkpoint: `model` itself if it is a folder, else a Hub download (cached).
+
+    Offline (`HF_HUB_OFFLINE=1`) a repo id resolves from the local Hugging Face cache only.
+    """
+    p = Path(os.path.expanduser(str(model)))
+    if p.is_dir():
+        return p
+    s = str(model)
+    if p.exists():
+        raise CheckpointError(f"{p} is a file; --model takes a checkpoint folder or a Hub repo id")
+    if not _REPO_ID.match(s):
+        raise CheckpointError(f"no such folder {s!r}, and it is not a Hub repo id like {DEFAULT_MODEL!r}")
+    try:
+        import huggingface_hub as hub
+    except ImportError:  # pragma: no cover - a dependency
+        raise CheckpointError("huggingface_hub is not installed: pip install huggingface_hub") from None
+    errors = getattr(hub, "errors", None) or hub.utils
+    try:
+        return Path(hub.snapshot_download(s, revision=revision, allow_patterns=_hub_patterns(s, revision)))
+    except errors.LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{s} is not in the local Hugging Face cache and the Hub cannot be reached (offline?): "
+            "connect once to download it, or pass --model /path/to/folder"
+        ) from None
+    except errors.RepositoryNotFoundError:
+        raise CheckpointError(
+            f"no folder {s!r} here and no Hub repo of that name (or it is private): check the name, e.g. {DEFAULT_MODEL}"
+        ) from None
+    except errors.RevisionNotFoundError:
+        raise CheckpointError(f"{s} has no revision {revision!r}") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"could not download {s}: {e}") from None
+
+
+def _hub_patterns(repo: str, revision: str | None) -> list[str]:
+    """Download safetensors when the repo has them, else the .bin shards, never both."""
+    import huggingface_hub as hub
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return HUB_PATTERNS
+    try:
+        files = hub.list_repo_files(repo, revision=revision)
+    except Exception:  # noqa: BLE001 - let snapshot_download report the real problem
+        return HUB_PATTERNS
+    if any(f.endswith(".safetensors") for f in files):
+        return [p for p in HUB_PATTERNS if p != "*.bin"]
+    return [p for p in HUB_PATTERNS if p != "*.safetensors"]
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder, preferring safetensors; every shard an index names must exist."""
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index} is corrupt ({e}): re-download the checkpoint") from None
+            shards = sorted(set(weight_map.values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise CheckpointError(
+                    f"shard {missing[0]} named in {index_name} is missing from {folder}"
+                    f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: re-download the checkpoint"
+                )
+            return [folder / s for s in shards]
+        if (folder / single).is_file():
+            return [folder / single]
+    raise CheckpointError(
+        f"no weights in {folder}: expected pytorch_model*.bin or *.safetensors (with an index when sharded)"
+    )
+
+
+def read_tensors(path: Path) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) pairs of one weight file, memory-mapped."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{path} does not hold a state dict")
+            yield from state.items()
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file surfaces in many ways
+        raise CheckpointError(f"cannot read {path.name} ({type(e).__name__}: {e}): the file is corrupt, re-download it")
+
+
+# ---------------------------------------------------------------------------------------------------- building
+
+
+def _set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    elif attr in mod._buffers:
+        mod._buffers[attr] = value
+    else:
+        raise CheckpointError(f"the model has no tensor {name!r} for this checkpoint: its config.json does not match")
+
+
+def _expected(model: nn.Module, name: str) -> Tensor:
+    mod_name, _, attr = name.rpartition(".")
+    try:
+        mod = model.get_submodule(mod_name)
+    except AttributeError:
+        mod = None
+    t = getattr(mod, attr, None) if mod is not None else None
+    if not isinstance(t, Tensor):
+        raise CheckpointError(f"checkpoint tensor for {name!r} has no place in the model: config.json does not match")
+    return t
+
+
+def _quant_linear_names(cfg: GLMConfig) -> list[str]:
+    names = [
+        f"layers.{i}.{s}"
+        for i in range(cfg.num_layers)
+        for s in ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+    ]
+    return names + (["lm_head"] if cfg.quantize_lm_head else [])
+
+
+def _swap_in_quant_linears(model: GLM, cfg: GLMConfig) -> None:
+    """Replace float linears by (meta) QuantLinear modules, for checkpoints stored quantized."""
+    from glm.quant import QuantLinear
+
+    for name in _quant_linear_names(cfg):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lin = getattr(parent, attr)
+        setattr(parent, attr, QuantLinear(lin.in_features, lin.out_features, cfg.quantization_bit,
+                                          group_size=cfg.quantization_group_size, bias=lin.bias is not None,
+                                          dtype=lin.weight.dtype, device="meta"))
+
+
+def build_model(
+    folder: Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    quant: int | None = None,
+    group_size: int | None = None,
+    quantize_lm_head: bool = False,
+    ptuning: Path | None = None,
+    progress: bool = False,
+) -> GLM:
+    """Build a GLM from a checkpoint folder: meta-device construction, then assign each tensor as it is read.
+
+    With `ptuning`, a P-Tuning v2 folder (config.json with pre_seq_len, and the prefix encoder's weights) is
+    applied on top, as the official ptuning scripts load it.
+    """
+    cfg = GLMConfig.from_json(folder / "config.json")
+    files = checkpoint_files(folder)
+    if ptuning is not None:
+        if not ptuning.is_dir():
+            raise CheckpointError(f"no P-Tuning folder {ptuning}")
+        pcfg = GLMConfig.from_json(ptuning / "config.json")
+        if not pcfg.pre_seq_len:
+            raise CheckpointError(f"{ptuning}/config.json has no pre_seq_len: not a P-Tuning v2 checkpoint")
+        cfg.pre_seq_len = pcfg.pre_seq_len
+        files = files + checkpoint_files(ptuning)
+    if quant and cfg.quantization_bit and quant != cfg.quantization_bit:
+        raise CheckpointError(
+            f"this checkpoint is already int{cfg.quantization_bit}; it cannot be re-quantized to int{quant}"
+        )
+    stored_quant = cfg.quantization_bit
+    with torch.device("meta"):
+        model = GLM(cfg)
+    if stored_quant:
+        _swap_in_quant_linears(model, cfg)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.word_embeddings.weight  # tied: read once, shared
+
+    to_quantize = _quant_linear_names(GLMConfig(**{**cfg.to_dict(), "quantize_lm_head": quantize_lm_head}))
+    pending = {n: {"weight", "bias"} for n in to_quantize} if quant and not stored_quant else {}
+    seen: set[str] = set()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="loading")
+    for path in files:
+        for ck_name, t in read_tensors(path):
+            name = checkpoint_to_module(ck_name)
+            if name is None or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            if name == "prefix_encoder.weight" and not cfg.pre_seq_len:
+                continue
+            expect = _expected(model, name)
+            if tuple(t.shape) != tuple(expect.shape):
+                raise CheckpointError(
+                    f"{ck_name} has shape {tuple(t.shape)} but config.json implies {tuple(expect.shape)}: "
+                    "the weights and config.json do not belong together"
+                )
+            if t.is_floating_point() and not name.endswith("weight_scale"):
+                t = t.to(device=device, dtype=dtype)
+            else:  # int8 weights as stored; scales as stored (upcast at use, never rounded down)
+                t = t.to(device=device)
+            _set_tensor(model, name, t)
+            seen.add(name)
+            mod_name, _, attr = name.rpartition(".")
+            if mod_name in pending:
+                pending[mod_name].discard(attr)
+                if not pending[mod_name]:  # this linear is complete: quantize it now to keep peak memory low
+                    _quantize_one(model, mod_name, quant, group_size)
+                    del pending[mod_name]
+        if bar is not None:
+            bar.update(path.stat().st_size)
+    if bar is not None:
+        bar.close()
+    for mod_name in list(pending):  # linears without bias (lm_head)
+        _quantize_one(model, mod_name, quant, group_size)
+    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    missing = [n for n in missing if n != "inv_freq"]
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint lacks {len(missing)} tensors the config needs, e.g. {module_to_checkpoint(missing[0])}: "
+            "it is incomplete or of another model"
+        )
+    model.init_buffers(device)
+    if quant and not stored_quant:
+        model.config.quantization_bit = quant
+        model.config.quantization_group_size = group_size
+        model.config.quantize_lm_head = quantize_lm_head
+    return model.eval().requires_grad_(False)
+
+
+def _quantize_one(model: GLM, name: str, bits: int, group_size: int | None) -> None:
+    from glm.quant import QuantLinear
+
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, QuantLinear.from_linear(getattr(parent, attr), bits, group_size=group_size))
+
+
+# ---------------------------------------------------------------------------------------------------- saving
+
+TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json", "MODEL_LICENSE")
+
+
+def save_checkpoint(model: GLM, folder: str | os.PathLike, tokenizer_folder: Path | None = None) -> Path:
+    """Write `model` as `model.safetensors` + `config.json` under the checkpoint's own names."""
+    from safetensors.torch import save_file
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    state = {}
+    for name, t in model.state_dict().items():
+        if name == "inv_freq" or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        state[module_to_checkpoint(name)] = t.detach().contiguous().cpu()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    d = cfg.to_dict()
+    d["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
+    if tokenizer_folder is not None:
+        for f in TOKENIZER_FILES:
+            src = Path(tokenizer_folder) / f
+            if src.is_file() and src.resolve() != (out / f).resolve():
+                shutil.copyfile(src, out / f)
+    return out
+
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DEFAULT_MODEL",
+    "WEIGHT_MAP",
+    "build_model",
+    "checkpoint_files",
+    "resolve",
+    "save_checkpoint",
+]

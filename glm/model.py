@@ -1,0 +1,178 @@
+"""The GLM v1 transformer of ChatGLM-6B.
+
+embeddings -> num_layers x GLMBlock -> final layernorm -> lm_head. Modules are named after the checkpoint
+(less its `transformer.` prefix), so loading is a rename table and a strict `load_state_dict`.
+Shapes: B batch, T new tokens, S key slots, C hidden, H heads, D head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from glm.attention import KVCache, apply_rotary_2d, prefix_attention, rotary_cos_sin, rotary_inv_freq
+from glm.config import GLMConfig
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    # The reference's own tanh GELU; same formula as F.gelu(approximate="tanh"), kept explicit for exactness.
+    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: GLMConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: KVCache | None,
+        input_pos: Tensor | None,
+        prefix_kv: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        B, T, C = x.shape
+        # The fused QKV output is laid out per head, (H, 3*D), not as three [Q; K; V] blocks.
+        qkv = self.query_key_value(x).view(B, T, self.n_head, 3 * self.head_dim)
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # each (B, T, H, D)
+        q, k = apply_rotary_2d(q, cos, sin), apply_rotary_2d(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if cache is not None:
+            k, v = cache.update(input_pos, k, v)  # (B, H, S_max, D)
+            n_keys = mask.shape[-1] if mask is not None else int(input_pos[-1]) + 1
+            k, v = k[:, :, :n_keys], v[:, :, :n_keys]  # read only the slots in use
+        elif prefix_kv is not None:
+            # P-Tuning v2: the learned prefix keys/values sit in front of the prompt's (no rotary on them).
+            pk, pv = (t.expand(B, -1, -1, -1) for t in prefix_kv)
+            k, v = torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)
+        y = prefix_attention(q, k, v, mask)  # (B, H, T, D)
+        return self.dense(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GLMConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.inner_hidden_size)
+        self.dense_4h_to_h = nn.Linear(cfg.inner_hidden_size, cfg.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dense_4h_to_h(gelu_tanh(self.dense_h_to_4h(x)))
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, cfg: GLMConfig):
+        super().__init__()
+        self.alpha = cfg.alpha
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.attention = SelfAttention(cfg)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, input_pos=None, prefix_kv=None) -> Tensor:
+        # GLM's residual is the layernorm *output* scaled by alpha = sqrt(2 * 28), not the block input.
+        x = self.input_layernorm(x)
+        h = self.alpha * x + self.attention(x, cos, sin, mask, cache, input_pos, prefix_kv)
+        h = self.post_attention_layernorm(h)
+        return self.alpha * h + self.mlp(h)
+
+
+class GLM(nn.Module):
+    """ChatGLM-6B. Stateless apart from the caches passed into `forward`."""
+
+    def __init__(self, cfg: GLMConfig):
+        super().__init__()
+        self.config = cfg
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(GLMBlock(cfg) for _ in range(cfg.num_layers))
+        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.pre_seq_len:
+            # P-Tuning v2 prefix: per layer a key and a value of pre_seq_len positions, (P, L*2*C).
+            self.prefix_encoder = nn.Embedding(cfg.pre_seq_len, cfg.num_layers * 2 * cfg.hidden_size)
+        self.register_buffer("inv_freq", rotary_inv_freq(cfg.head_dim), persistent=False)
+
+    def init_buffers(self, device: torch.device | str) -> None:
+        """(Re)build the non-persistent buffers, e.g. after meta-device construction and assign-loading."""
+        self.inv_freq = rotary_inv_freq(self.config.head_dim).to(device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.final_layernorm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.final_layernorm.weight.device
+
+    def prefix_kv(self, layer: int) -> tuple[Tensor, Tensor]:
+        """The P-Tuning v2 prefix keys and values of one layer, each (1, H, P, D)."""
+        cfg = self.config
+        emb = self.prefix_encoder.weight.view(cfg.pre_seq_len, cfg.num_layers * 2, cfg.num_attention_heads, -1)
+        kv = emb[:, 2 * layer : 2 * layer + 2].to(self.dtype).permute(1, 2, 0, 3)  # (2, H, P, D)
+        return kv[0:1], kv[1:2]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        mask: Tensor | None,
+        caches: list[KVCache] | None = None,
+        input_pos: Tensor | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """One forward pass.
+
+        Args:
+            input_ids: (B, T) long.
+            position_ids: (B, 2, T) long, position and block position (see `glm.generation.positions`).
+            mask: (B, 1, T, S) bool "may attend", or None for no masking.
+            caches: one KVCache per layer, or None for an uncached forward over `input_ids` alone.
+            input_pos: (T,) long, the cache slots of the new tokens (with `caches`).
+            last_only: compute logits for the last position only.
+        Returns:
+            logits (B, T, V), or (B, 1, V) with `last_only`, in float32.
+        """
+        x = self.word_embeddings(input_ids)  # (B, T, C)
+        cos, sin = rotary_cos_sin(position_ids, self.inv_freq, x.dtype)
+        use_prefix = caches is None and self.config.pre_seq_len
+        for i, layer in enumerate(self.layers):
+            x = layer(
+                x,
+                cos,
+                sin,
+                mask,
+                caches[i] if caches is not None else None,
+                input_pos,
+                self.prefix_kv(i) if use_prefix else None,
+            )
+        if last_only:
+            x = x[:, -1:]
+        x = self.final_layernorm(x)
+        return self.lm_head(x).float()
+
+    def new_caches(self, batch: int, max_len: int, device=None, dtype=None) -> list[KVCache]:
+        """Preallocated caches for `batch` rows of up to `max_len` slots (P-Tuning prefix slots included)."""
+        cfg = self.config
+        device = device or self.device
+        dtype = dtype or self.dtype
+        return [
+            KVCache(batch, cfg.num_attention_heads, max_len, cfg.head_dim, dtype, device)
+            for _ in range(cfg.num_layers)
+        ]
+
+    def fill_prefix(self, caches: list[KVCache]) -> int:
+        """Write the P-Tuning prefix into slots [0, pre_seq_len) of `caches`; returns how many slots it takes."""
+        if not self.config.pre_seq_len:
+            return 0
+        P = self.config.pre_seq_len
+        pos = torch.arange(P, device=caches[0].k.device)
+        for i, c in enumerate(caches):
+            pk, pv = self.prefix_kv(i)
+            B = c.k.shape[0]
+            c.update(pos, pk.expand(B, -1, -1, -1).to(c.k.dtype), pv.expand(B, -1, -1, -1).to(c.v.dtype))
+        return P

@@ -1,0 +1,103 @@
+"""The ChatGLM-6B tokenizer: sentencepiece (`ice_text.model`) plus the release's whitespace pieces."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+MAX_BLANK = 80
+
+
+def _preprocess(text: str) -> str:
+    """Newlines, tabs and runs of 2..80 spaces become dedicated pieces before sentencepiece sees the text."""
+    text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
+    for n in range(MAX_BLANK, 1, -1):  # longest run first
+        text = text.replace(" " * n, f"<|blank_{n}|>")
+    return text
+
+
+def _postprocess(text: str) -> str:
+    text = text.replace("<n>", "\n").replace("<|tab|>", "\t")
+    for n in range(2, MAX_BLANK + 1):
+        text = text.replace(f"<|blank_{n}|>", " " * n)
+    return text
+
+
+class Tokenizer:
+    """Encode/decode exactly as the official `ChatGLMTokenizer` (num_image_tokens 0, no lower-casing).
+
+    Args:
+        model_file: path to `ice_text.model`.
+        bos_id, eos_id, mask_id, gmask_id, pad_id: special ids, read from the checkpoint's config.json.
+    """
+
+    def __init__(self, model_file: str | os.PathLike, *, bos_id: int, eos_id: int, mask_id: int, gmask_id: int,
+                 pad_id: int):
+        import sentencepiece as spm
+
+        path = Path(model_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer model {path} not found: the checkpoint folder needs ice_text.model")
+        self.sp = spm.SentencePieceProcessor()
+        if not self.sp.Load(str(path)):
+            raise ValueError(f"{path} is not a sentencepiece model: re-download ice_text.model")
+        self.bos_id, self.eos_id, self.mask_id, self.gmask_id, self.pad_id = bos_id, eos_id, mask_id, gmask_id, pad_id
+        self.n_pieces = self.sp.vocab_size()
+
+    @classmethod
+    def from_config(cls, model_file: str | os.PathLike, cfg) -> Tokenizer:
+        return cls(model_file, bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_id, mask_id=cfg.mask_token_id,
+                   gmask_id=cfg.gmask_token_id, pad_id=cfg.pad_token_id)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; with special tokens, `[gMASK] <sop>` is appended (the generation prompt)."""
+        ids = self.sp.EncodeAsIds(_preprocess(text)) if text else []
+        if add_special_tokens:
+            ids = ids + [self.gmask_id, self.bos_id]
+        return ids
+
+    def decode(self, ids) -> str:
+        """Text of `ids`. Pads are dropped, control pieces decode to "", ids past the piece table are skipped."""
+        ids = [int(i) for i in ids]
+        ids = [i for i in ids if i != self.pad_id and 0 <= i < self.n_pieces]
+        if not ids:
+            return ""
+        return _postprocess(self.sp.DecodeIds(ids))
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.IdToPiece(int(i))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_pieces
+
+
+class StreamDecoder:
+    """Incremental detokenizer: feed ids one at a time, get back the new text.
+
+    The ids are re-decoded in full each time (sentencepiece's leading-space and byte-fallback rules depend on
+    neighbours, and decoding is cheap next to a forward pass); a trailing incomplete UTF-8 sequence (decoded as
+    U+FFFD) is held back until it completes.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.text = ""  # text emitted so far
+
+    def put(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        full = self.tok.decode(self.ids)
+        if full.endswith("\ufffd"):
+            return ""
+        if not full.startswith(self.text):
+            # A later piece changed earlier text (rare); emit nothing now, resync on the next clean prefix.
+            return ""
+        delta, self.text = full[len(self.text):], full
+        return delta
+
+    def flush(self) -> str:
+        full = self.tok.decode(self.ids)
+        delta = full[len(self.text):] if full.startswith(self.text) else ""
+        self.text = full
+        return delta
