@@ -103,6 +103,7 @@ class ChatGLM:
         self, input_ids, max_new_tokens: int | None = None, *, max_length: int | None = None, do_sample: bool = False,
         stop_at_eos: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50,
         repetition_penalty: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None,
+        logits_hook=None,
     ) -> Iterator[torch.Tensor]:
         """Yield the new ids (B,) step by step; `input_ids` a list of ids or a list of lists (left-padded batch)."""
         prompts = [list(p) for p in input_ids] if input_ids and isinstance(input_ids[0], (list, tuple)) else [
@@ -111,7 +112,7 @@ class ChatGLM:
                                   repetition_penalty=repetition_penalty)
         gen = generator if generator is not None else make_generator(seed, self.device)
         return generate_stream(self.model, prompts, max_new_tokens=max_new_tokens, max_length=max_length,
-                               sampling=sampling, stop_at_eos=stop_at_eos, generator=gen)
+                               sampling=sampling, stop_at_eos=stop_at_eos, generator=gen, logits_hook=logits_hook)
 
     def generate(self, input_ids, max_new_tokens: int | None = None, **kwargs):
         """New ids after the prompt: a list for one prompt, a list of lists for a batch.

@@ -216,8 +216,11 @@ def generate_stream(
     sampling: SamplingConfig | None = None,
     stop_at_eos: bool = True,
     generator: torch.Generator | None = None,
+    logits_hook=None,
 ) -> Iterator[Tensor]:
     """Generate for a left-padded batch of prompts; yields the new token ids (B,) after every step.
+
+    `logits_hook`, if given, is called with the raw float32 logits (B, V) that choose each token.
 
     Stops when every row has produced `<eop>` (with `stop_at_eos`) or the padded length reaches `max_length`
     (default: prompt length + `max_new_tokens`). A finished row keeps being fed the pad id, as the reference does.
@@ -260,6 +263,8 @@ def generate_stream(
     block_pos = batch.lengths - (batch.context_len - (T - batch.lengths)) + 1  # that of the first new token
     cur = T
     while True:
+        if logits_hook is not None:
+            logits_hook(logits)
         scores, bad = fix_invalid_scores(logits)
         nan_seen |= bad
         nxt = select_next(scores, all_ids[:, :cur], sampling, generator)

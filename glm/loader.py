@@ -102,7 +102,10 @@ def resolve(model: str | os.PathLike = DEFAULT_MODEL, revision: str | None = Non
         import huggingface_hub as hub
     except ImportError:  # pragma: no cover - a dependency
         raise CheckpointError("huggingface_hub is not installed: pip install huggingface_hub") from None
-    errors = getattr(hub, "errors", None) or hub.utils
+    try:
+        from huggingface_hub import errors
+    except ImportError:  # huggingface_hub < 0.24 keeps them in utils
+        from huggingface_hub import utils as errors
     try:
         return Path(hub.snapshot_download(s, revision=revision, allow_patterns=_hub_patterns(s, revision)))
     except errors.LocalEntryNotFoundError:
@@ -265,8 +268,6 @@ def build_model(
         model = GLM(cfg)
     if stored_quant:
         _swap_in_quant_linears(model, cfg)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.word_embeddings.weight  # tied: read once, shared
 
     to_quantize = _quant_linear_names(GLMConfig(**{**cfg.to_dict(), "quantize_lm_head": quantize_lm_head}))
     pending = {n: {"weight", "bias"} for n in to_quantize} if quant and not stored_quant else {}
@@ -305,6 +306,8 @@ def build_model(
             bar.update(path.stat().st_size)
     if bar is not None:
         bar.close()
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.word_embeddings.weight  # tied: read once, shared
     for mod_name in list(pending):  # linears without bias (lm_head)
         _quantize_one(model, mod_name, quant, group_size)
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
