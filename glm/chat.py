@@ -90,7 +90,7 @@ def stream_chat(
     eos = engine.config.eos_token_id
     new: list[int] = []
     stream = generate_stream(
-        engine.model, [prompt_ids], max_length=max_length, generator=gen,
+        engine.model, [prompt_ids], max_length=max_length, generator=gen, decoder=getattr(engine, "decoder", None),
         sampling=_sampling(do_sample, top_p, temperature, top_k, repetition_penalty),
     )
     for tok in stream:
@@ -113,7 +113,7 @@ def chat(engine, query: str, history: History | None = None, max_length: int = 2
     new = [
         int(t[0])
         for t in generate_stream(
-            engine.model, [prompt_ids], max_length=max_length, generator=gen,
+            engine.model, [prompt_ids], max_length=max_length, generator=gen, decoder=getattr(engine, "decoder", None),
             sampling=_sampling(do_sample, top_p, temperature, top_k, repetition_penalty),
         )
     ]

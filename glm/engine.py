@@ -14,6 +14,7 @@ from glm.generation import (
     Batch,
     GenerationError,
     SamplingConfig,
+    Decoder,
     full_mask,
     generate_stream,
     make_generator,
@@ -61,8 +62,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 class ChatGLM:
     """A loaded model with its tokenizer. Create it with `glm.load`."""
 
-    def __init__(self, model: GLM, tokenizer: Tokenizer | None, path: Path | None = None, load_seconds: float = 0.0):
+    def __init__(self, model: GLM, tokenizer: Tokenizer | None, path: Path | None = None, load_seconds: float = 0.0,
+                 compile: bool = False):
         self.model = model
+        # Caches (and the compiled decode step) live here and are reused from one call to the next.
+        self.decoder = Decoder(model, compile=compile)
         self.tokenizer = tokenizer
         self.path = path
         self.load_seconds = load_seconds
@@ -112,7 +116,8 @@ class ChatGLM:
                                   repetition_penalty=repetition_penalty)
         gen = generator if generator is not None else make_generator(seed, self.device)
         return generate_stream(self.model, prompts, max_new_tokens=max_new_tokens, max_length=max_length,
-                               sampling=sampling, stop_at_eos=stop_at_eos, generator=gen, logits_hook=logits_hook)
+                               sampling=sampling, stop_at_eos=stop_at_eos, generator=gen, logits_hook=logits_hook,
+                               decoder=self.decoder)
 
     def generate(self, input_ids, max_new_tokens: int | None = None, **kwargs):
         """New ids after the prompt: a list for one prompt, a list of lists for a batch.
@@ -162,6 +167,7 @@ def load(
     group_size: int | None = None,
     quantize_lm_head: bool = False,
     ptuning: str | os.PathLike | None = None,
+    compile: bool = False,
     progress: bool = False,
 ) -> ChatGLM:
     """Load ChatGLM-6B from a Hub repo id or a local folder.
@@ -175,6 +181,7 @@ def load(
         group_size: None for per-output-channel scales (the official scheme), or 32/64/128 (int4 only).
         quantize_lm_head: quantize lm_head too (1 GB in fp16).
         ptuning: a P-Tuning v2 checkpoint folder (its config.json and prefix encoder) to apply on top.
+        compile: decode through `torch.compile(mode="reduce-overhead")`: CUDA graphs on a GPU (fixed shapes).
         progress: show progress bars.
     """
     if quant not in (None, 0, 4, 8):
@@ -193,7 +200,7 @@ def load(
     tok_file = folder / "ice_text.model"
     # A bare weights folder (like the tiny test models) has no tokenizer: ids in, ids out still work.
     tokenizer = Tokenizer.from_config(tok_file, net.config) if tok_file.is_file() else None
-    return ChatGLM(net, tokenizer, folder, time.perf_counter() - t0)
+    return ChatGLM(net, tokenizer, folder, time.perf_counter() - t0, compile=compile)
 
 
 __all__ = ["ChatGLM", "GenerationError", "load", "resolve_device", "resolve_dtype"]

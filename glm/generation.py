@@ -206,6 +206,48 @@ def make_generator(seed: int | None, device) -> torch.Generator | None:
 # ---------------------------------------------------------------------------------------------------- decoding
 
 
+class Decoder:
+    """Owns the KV caches and the one-token decode step of a model.
+
+    The caches are preallocated for (batch, max_len) and reused by every later call that fits, across turns.
+    Eager mode reads only the key slots in use (best on CPU). With `compile=True` the step runs through
+    `torch.compile(mode="reduce-overhead")` (CUDA graphs on a GPU) with fixed shapes: attention reads all
+    `max_len` slots, and the mask hides the unwritten ones.
+    """
+
+    def __init__(self, model, compile: bool = False):
+        self.model = model
+        self.compile = compile
+        self.caches = None
+        self._shape = (0, 0)
+        self._step = None
+        self.busy = False  # a generation is using the caches (another one then gets its own)
+
+    def caches_for(self, batch: int, max_len: int):
+        B, S = self._shape
+        if self.caches is None or B != batch or S < max_len or self.caches[0].k.dtype != self.model.dtype:
+            self.caches = None  # free the old ones first
+            # Compiled graphs specialise on the cache shape: round it up so that turns share one graph.
+            S = max(max_len, self.model.config.max_sequence_length) if self.compile else max_len
+            self.caches = self.model.new_caches(batch, S)
+            self._shape = (batch, S)
+            self._step = None
+        return self.caches
+
+    def step(self, tok: Tensor, pos: Tensor, slot: Tensor, key_valid: Tensor, n_keys: int) -> Tensor:
+        """Logits (B, V) of one new token per row. tok (B, 1), pos (B, 2, 1), slot (1,), key_valid (B, S_max)."""
+        if not self.compile:
+            # A decode query sees every written non-pad slot: the prefix ones and all earlier ones.
+            mask = key_valid[:, None, None, :n_keys]
+            return self.model(tok, pos, mask, self.caches, slot, last_only=True)[:, -1]
+        if self._step is None:
+            self._step = torch.compile(self._full_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        return self._step(tok, pos, slot, key_valid[:, None, None, :]).clone()
+
+    def _full_step(self, tok, pos, slot, mask):
+        return self.model(tok, pos, mask, self.caches, slot, last_only=True)[:, -1]
+
+
 @torch.inference_mode()
 def generate_stream(
     model,
@@ -217,13 +259,14 @@ def generate_stream(
     stop_at_eos: bool = True,
     generator: torch.Generator | None = None,
     logits_hook=None,
+    decoder: Decoder | None = None,
 ) -> Iterator[Tensor]:
     """Generate for a left-padded batch of prompts; yields the new token ids (B,) after every step.
 
-    `logits_hook`, if given, is called with the raw float32 logits (B, V) that choose each token.
-
     Stops when every row has produced `<eop>` (with `stop_at_eos`) or the padded length reaches `max_length`
     (default: prompt length + `max_new_tokens`). A finished row keeps being fed the pad id, as the reference does.
+    `logits_hook`, if given, is called with the raw float32 logits (B, V) that choose each token. `decoder`
+    carries caches (and a compiled step) from one call to the next.
     """
     cfg = model.config
     sampling = sampling or SamplingConfig()
@@ -242,25 +285,42 @@ def generate_stream(
             "shorten the prompt (or the history) or raise max_length"
         )
 
+    if decoder is None or decoder.busy:
+        decoder = Decoder(model)
+    decoder.busy = True
+    try:
+        yield from _decode(model, batch, max_length, sampling, stop_at_eos, generator, logits_hook, decoder)
+    finally:
+        decoder.busy = False
+
+
+def _decode(model, batch, max_length, sampling, stop_at_eos, generator, logits_hook, decoder):
+    cfg, device = model.config, model.device
+    B, T = batch.ids.shape
     P = cfg.pre_seq_len or 0
-    caches = model.new_caches(B, P + max_length)
+    caches = decoder.caches_for(B, P + max_length)
+    S_max = caches[0].k.shape[2]
     model.fill_prefix(caches)
-    key_valid = torch.zeros(B, P + max_length, dtype=torch.bool, device=device)
+    # Everything the loop touches is allocated here; the loop only writes in place.
+    key_valid = torch.zeros(B, S_max, dtype=torch.bool, device=device)
     key_valid[:, :P] = True
     key_valid[:, P : P + T] = batch.valid
-    ctx = batch.context_len + P
     all_ids = torch.full((B, max_length), cfg.pad_token_id, dtype=torch.long, device=device)
     all_ids[:, :T] = batch.ids
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    nan_seen = torch.zeros((), dtype=torch.bool, device=device)
+    pad = torch.full((B,), cfg.pad_token_id, dtype=torch.long, device=device)
+    slot = torch.zeros(1, dtype=torch.long, device=device)
+    # The next token of a row at unpadded index i takes positions [mask_pos, i - ctx + 1]: the first frozen at the
+    # mask, the second counting on from the <sop> (block position 1).
+    ctx_unpadded = batch.context_len - (T - batch.lengths)
+    pos = torch.stack((batch.mask_pos, batch.lengths - ctx_unpadded + 1), dim=1)[:, :, None]  # (B, 2, 1)
 
     # Prefill: the whole prompt at once.
     slots = torch.arange(P, P + T, device=device)
-    mask = attention_mask(key_valid, ctx, slots, P + T)
+    mask = attention_mask(key_valid, batch.context_len + P, slots, P + T)
     logits = model(batch.ids, batch.position_ids, mask, caches, slots, last_only=True)[:, -1]
 
-    unfinished = torch.ones(B, dtype=torch.bool, device=device)
-    nan_seen = torch.zeros((), dtype=torch.bool, device=device)
-    # The next token of row b at unpadded index i takes positions [mask_pos, i - ctx + 1].
-    block_pos = batch.lengths - (batch.context_len - (T - batch.lengths)) + 1  # that of the first new token
     cur = T
     while True:
         if logits_hook is not None:
@@ -268,7 +328,7 @@ def generate_stream(
         scores, bad = fix_invalid_scores(logits)
         nan_seen |= bad
         nxt = select_next(scores, all_ids[:, :cur], sampling, generator)
-        nxt = torch.where(unfinished, nxt, torch.full_like(nxt, cfg.pad_token_id))
+        nxt = torch.where(unfinished, nxt, pad)
         all_ids[:, cur] = nxt
         cur += 1
         yield nxt
@@ -278,11 +338,10 @@ def generate_stream(
                 break
         if cur >= max_length:
             break
-        slot = torch.tensor([P + cur - 1], device=device)
+        slot.fill_(P + cur - 1)
         key_valid[:, P + cur - 1] = True
-        pos = torch.stack((batch.mask_pos, block_pos + (cur - 1 - T)), dim=1)[:, :, None]  # (B, 2, 1)
-        mask = attention_mask(key_valid, ctx, slot, P + cur)
-        logits = model(nxt[:, None], pos, mask, caches, slot, last_only=True)[:, -1]
+        logits = decoder.step(nxt[:, None], pos, slot, key_valid, P + cur)
+        pos[:, 1] += 1
     if bool(nan_seen):
         warnings.warn(
             "the model produced NaN/inf logits; the official fallback picked token 5. "

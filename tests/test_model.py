@@ -133,3 +133,31 @@ def test_ptuning_prefix():
     for case in g["cases"]:
         assert (m.logits(case["input_ids"]) - gt[case["logits"]]).abs().max().item() <= TOL
         assert m.generate(case["input_ids"], len(case["greedy_ids"]), stop_at_eos=False) == case["greedy_ids"]
+
+
+def test_caches_are_reused_across_calls(tiny):
+    case = GREEDY[0]
+    tiny.generate(case["input_ids"], 24, stop_at_eos=False)
+    first = tiny.decoder.caches
+    assert tiny.generate(GREEDY[1]["input_ids"], 8, stop_at_eos=False) == GREEDY[1]["greedy_ids"][:8]
+    assert tiny.decoder.caches is first  # no new allocation for a turn that fits
+
+
+def test_interleaved_generations_do_not_share_caches(tiny):
+    a, b = GREEDY[0], GREEDY[1]
+    sa = tiny.stream_generate(a["input_ids"], 24, stop_at_eos=False)
+    sb = tiny.stream_generate(b["input_ids"], 24, stop_at_eos=False)
+    out_a, out_b = [], []
+    for ta, tb in zip(sa, sb):
+        out_a.append(int(ta[0]))
+        out_b.append(int(tb[0]))
+    assert out_a == a["greedy_ids"] and out_b == b["greedy_ids"]
+
+
+def test_compiled_static_decode_matches_golden():
+    # torch.compile(mode="reduce-overhead") with fixed shapes: CUDA graphs on a GPU, inductor's C++ on a CPU.
+    m = glm.load(FIXTURES / "glm-tiny", compile=True)
+    for case in GREEDY[:2]:
+        assert m.generate(case["input_ids"], 24, stop_at_eos=False) == case["greedy_ids"]
+    batch = next(c for c in G["cases"] if c["kind"] == "batch")
+    assert m.generate(batch["prompts"], 24, stop_at_eos=False) == batch["greedy_ids"]
