@@ -1,0 +1,106 @@
+"""Quantized checkpoints through the loader: the official int8/int4 layout, quantize-on-load, fp16 scales, save."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import FIXTURES, golden
+
+import glm
+
+pytest.importorskip("glm.quant.linear")
+TOL = 1e-4
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_official_quantized_checkpoint(bits):
+    g, gt = golden(f"glm-tiny-int{bits}")
+    m = glm.load(FIXTURES / f"glm-tiny-int{bits}")
+    assert m.config.quantization_bit == bits
+    for case in g["cases"]:
+        assert (m.logits(case["input_ids"]) - gt[case["logits"]]).abs().max().item() <= TOL
+        assert m.generate(case["input_ids"], len(case["greedy_ids"]), stop_at_eos=False) == case["greedy_ids"]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_on_load_reproduces_the_reference_bytes(bits):
+    ref = torch.load(FIXTURES / f"glm-tiny-int{bits}" / "pytorch_model.bin", weights_only=True)
+    m = glm.load(FIXTURES / "glm-tiny", quant=bits)
+    ours = m.model.state_dict()
+    n = 0
+    for name, t in ref.items():
+        if name.endswith((".weight", ".weight_scale")) and t.dtype in (torch.int8, torch.float32) and "layers" in name:
+            mod = name.removeprefix("transformer.")
+            if mod in ours and (t.dtype == torch.int8 or name.endswith("weight_scale")):
+                assert ours[mod].dtype == t.dtype and torch.equal(ours[mod], t), name
+                n += 1
+    assert n == 3 * 4 * 2  # 3 layers x 4 linears x (weight, scale)
+    g, gt = golden(f"glm-tiny-int{bits}")
+    for case in g["cases"]:
+        assert (m.logits(case["input_ids"]) - gt[case["logits"]]).abs().max().item() <= TOL
+
+
+def test_fp16_scales_as_in_the_release(tmp_path):
+    d = tmp_path / "int4-fp16-scales"
+    shutil.copytree(FIXTURES / "glm-tiny-int4", d)
+    sd = torch.load(d / "pytorch_model.bin", weights_only=True)
+    sd = {k: (v.half() if k.endswith("weight_scale") else v) for k, v in sd.items()}
+    torch.save(sd, d / "pytorch_model.bin")
+    m = glm.load(d)
+    # The float model with weights q * scale_fp16 (scale upcast, never rounded further) is the oracle.
+    from glm.quant import dequantize
+
+    flt = glm.load(FIXTURES / "glm-tiny")
+    for i, layer in enumerate(flt.model.layers):
+        for lin in ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"):
+            key = f"transformer.layers.{i}.{lin}"
+            w = dequantize(sd[key + ".weight"], sd[key + ".weight_scale"], 4)
+            layer.get_submodule(lin).weight.data.copy_(w)
+    ids = [124, 12, 97, 937, 970, 966, 831, 1001, 1004]
+    assert (m.logits(ids) - flt.logits(ids)).abs().max().item() <= TOL
+    scales = [b for n, b in m.model.state_dict().items() if n.endswith("weight_scale")]
+    assert scales and all(s.dtype == torch.float16 for s in scales)
+
+
+@pytest.mark.parametrize("kw", [dict(quant=8), dict(quant=4), dict(quant=4, group_size=32)])
+def test_save_load_round_trip_is_exact(tmp_path, kw):
+    m = glm.load(FIXTURES / "glm-tiny", **kw)
+    out = glm.save(m, tmp_path / "q")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_bit"] == kw["quant"] and cfg.get("quantization_group_size") == kw.get("group_size")
+    again = glm.load(out)
+    a, b = m.model.state_dict(), again.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    ids = [801, 456, 1001, 1004]
+    assert torch.equal(m.logits(ids), again.logits(ids))
+
+
+def test_grouped_int4_is_closer_to_float_than_per_channel():
+    ids = [124, 12, 97, 937, 970, 966, 831, 1001, 1004]
+    ref = glm.load(FIXTURES / "glm-tiny").logits(ids)
+    err_pc = (glm.load(FIXTURES / "glm-tiny", quant=4).logits(ids) - ref).abs().mean()
+    err_g = (glm.load(FIXTURES / "glm-tiny", quant=4, group_size=32).logits(ids) - ref).abs().mean()
+    assert err_g < err_pc
+
+
+def test_bad_quant_options_are_clear_errors():
+    with pytest.raises(ValueError, match="quant must be 4 or 8"):
+        glm.load(FIXTURES / "glm-tiny", quant=3)
+    with pytest.raises(ValueError, match="group_size"):
+        glm.load(FIXTURES / "glm-tiny", quant=8, group_size=32)
+    with pytest.raises(glm.CheckpointError, match="already int4"):
+        glm.load(FIXTURES / "glm-tiny-int4", quant=8)
+
+
+def test_quantized_lm_head(tmp_path):
+    m = glm.load(FIXTURES / "glm-tiny", quant=8, quantize_lm_head=True)
+    from glm.quant import QuantLinear
+
+    assert isinstance(m.model.lm_head, QuantLinear)
+    again = glm.load(glm.save(m, tmp_path / "q"))
+    assert isinstance(again.model.lm_head, QuantLinear)
+    ids = [801, 456, 1001, 1004]
+    assert torch.equal(m.logits(ids), again.logits(ids))
