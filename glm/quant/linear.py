@@ -1,0 +1,374 @@
+"""QuantLinear: a weight-only int8/int4 linear layer that stores the official ChatGLM-6B layout.
+
+State dict (exactly what the official int8/int4 checkpoints hold, so they load by `load_state_dict(assign=True)`):
+    weight        int8 `[out, in * bits / 8]` (int4: two values a byte, first in the high nibble)
+    weight_scale  `[out]` or `[out, in // group_size]`, in the dtype it was stored in (never rounded down)
+    bias          `[out]`
+
+Forward dispatch (the weight never leaves its packed form for long):
+    CUDA with triton      -> `glm.kernels.wq_linear`, the fused dequantize-matmul kernel (imported lazily).
+    CPU, bf16/fp16, few rows -> PyTorch's weight-only CPU kernels, which on x86 are only fast in bf16:
+                             `aten._weight_int8pack_mm` (int8 per-channel) and `aten._weight_int4pack_mm_for_cpu`
+                             (int4, on a copy repacked once by `_convert_weight_to_int4pack_for_cpu`).
+    anything else         -> dequantize a few hundred rows at a time in fp32 and matmul them ("dequant"): exact
+                             (`F.linear(x, q * scale, b)` up to summation order) in fp32, and faster than the
+                             kernels for many rows, whose cost grows linearly with the row count.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from glm.quant.primitives import dequantize, pack_int4, quantize_grouped, quantize_per_channel, unpack_int4
+
+__all__ = ["QuantLinear"]
+
+# Group sizes `_weight_int4pack_mm_for_cpu` accepts (torch 2.13 checks exactly these).
+_INT4_KERNEL_GROUPS = (256, 128, 64, 32)
+# Rows converted per call when repacking int4 for the CPU kernel: bounds the int32 temporary the converter
+# needs (16 MiB at K = 4096) and is a multiple of every block height the converter uses (16 to 64 rows).
+_REPACK_ROWS = 1024
+# Dequantized rows per matmul in the "dequant" path: about 2 MiB of fp32 weight, so it stays in cache.
+_DEQUANT_CHUNK_BYTES = 2 << 20
+# Rows quantized at a time in `from_linear`, to bound the fp32 copy of an fp16 weight.
+_QUANTIZE_ROWS = 1024
+
+
+def _aten(name: str) -> Callable | None:
+    try:
+        return getattr(torch.ops.aten, name)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+@functools.cache
+def _cuda_kernel() -> Callable | None:
+    """`glm.kernels.wq_linear`, or None where triton or the kernel is missing (then we dequantize)."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        from glm.kernels import wq_linear
+    except (ImportError, AttributeError):
+        return None
+    return wq_linear
+
+
+# ------------------------------------------------------------------ the CPU int4 kernel's private weight layout
+# `_convert_weight_to_int4pack_for_cpu` takes unsigned nibbles u = q + 8 as int32 [N, K] and returns uint8 [N, K/2]
+# in a blocked layout that depends on the CPU build (AVX512: blocks of 64 rows, AVX2: 32). To save the official
+# layout after dropping it we must invert that layout, so we recognise it on a small probe at first use rather
+# than trust one build: each block of `block_n` rows is stored as [K, block_n/2] bytes; a full block puts rows
+# 0..block_n/2-1 in the low nibbles and the rest in the high ones ("halves"), or row pairs in one byte ("pairs");
+# a last, shorter block always uses pairs.
+
+
+def _untangle_int4_cpu(p: Tensor, kind: str, block_n: int) -> Tensor:
+    n, k = p.shape[0], p.shape[1] * 2
+    full = n // block_n * block_n
+    parts = []
+    if full:
+        b = p[:full].reshape(full // block_n, k, block_n // 2)
+        lo, hi = b & 0xF, b >> 4
+        rows = torch.cat([lo, hi], -1) if kind == "halves" else torch.stack([lo, hi], -1).flatten(-2)
+        parts.append(rows.transpose(1, 2).reshape(full, k))  # (NB, K, BN) -> (NB * BN, K)
+    if n > full:
+        b = p[full:].reshape(k, (n - full) // 2)
+        parts.append(torch.stack([b & 0xF, b >> 4], -1).reshape(k, n - full).t())
+    return torch.cat(parts).contiguous()  # uint8 u = q + 8, [N, K]
+
+
+def _repack_int4_cpu(packed: Tensor) -> Tensor:
+    convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    chunks = []
+    for r in range(0, packed.shape[0], _REPACK_ROWS):
+        u = unpack_int4(packed[r : r + _REPACK_ROWS]).to(torch.int32) + 8
+        chunks.append(convert(u, 1))  # innerKTiles only matters on CUDA
+    return torch.cat(chunks)
+
+
+@functools.cache
+def _int4_cpu_layout() -> tuple[str, int] | None:
+    """(kind, block_n) of this build's CPU int4 layout, or None if the kernel is absent or the layout unknown."""
+    if _aten("_convert_weight_to_int4pack_for_cpu") is None or _aten("_weight_int4pack_mm_for_cpu") is None:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    # 176 = 64 + 64 + 48 and 112 = 64 + 48 exercise full and short blocks for both block heights.
+    probes = [torch.randint(-8, 8, (n, 64), generator=gen, dtype=torch.int8) for n in (16, 48, 112, 176)]
+    try:
+        whole = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32) + 8, 1) for q in probes]
+        # Our repacking converts 1024-row slices separately; check on 64-row slices that blocks are independent.
+        sliced = [torch.cat([_repack_int4_cpu(pack_int4(q[r : r + 64])) for r in range(0, len(q), 64)]) for q in probes]
+    except RuntimeError:
+        return None
+    if not all(torch.equal(a, b) for a, b in zip(whole, sliced)):
+        return None
+    for layout in (("halves", 64), ("halves", 32), ("pairs", 64), ("pairs", 32)):
+        if all(torch.equal(_untangle_int4_cpu(p, *layout), (q + 8).to(torch.uint8)) for p, q in zip(whole, probes)):
+            return layout
+    return None
+
+
+class QuantLinear(nn.Module):
+    """Weight-only quantized `nn.Linear` holding the official ChatGLM packed weight, its scales and the bias.
+
+    Args:
+        in_features: K.
+        out_features: N.
+        bits: 8 or 4.
+        group_size: None for one scale per output channel (the official releases), else the number of
+            consecutive inputs sharing a scale (must divide K).
+        bias: whether there is a bias.
+        dtype: dtype of `weight_scale` and `bias` until a checkpoint is assigned (the stored dtypes then win).
+        device: where to allocate (works with "meta" for construct-then-assign loading).
+    """
+
+    # Up to this many activation rows the CPU weight-only kernels win; beyond it dequantize + GEMM does, because
+    # the kernels' cost grows linearly with the rows (~0.7 ms per row at 4096 -> 16384 on 2 cores, against
+    # ~25 ms for dequantize + bf16 GEMM of up to ~64 rows).
+    cpu_kernel_max_rows: int = 32
+
+    weight: Tensor | None
+    weight_scale: Tensor
+    bias: Tensor | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int | None = None,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+        if bits == 4 and in_features % 2:
+            raise ValueError(f"int4 packs two inputs a byte: in_features must be even, got {in_features}")
+        if group_size is not None and (group_size <= 0 or in_features % group_size):
+            raise ValueError(f"group_size {group_size} must divide in_features {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        dtype = dtype or torch.get_default_dtype()
+        self.register_buffer(
+            "weight", torch.empty(out_features, in_features * bits // 8, dtype=torch.int8, device=device)
+        )
+        scale_shape = (out_features,) if group_size is None else (out_features, in_features // group_size)
+        self.register_buffer("weight_scale", torch.empty(scale_shape, dtype=dtype, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.last_path: str | None = None  # which implementation the last forward used (see module docstring)
+        self._clear_cache()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None) -> QuantLinear:
+        """Quantize an `nn.Linear` with the official scheme, in fp32 arithmetic like the reference CPU quantizer.
+
+        The float weight is released: `linear.weight` is set to None, so its memory goes as soon as nothing
+        else refers to it. The bias is kept as is (same tensor, same dtype); the scales are fp32.
+
+        Args:
+            linear: the layer, weight `[N, K]`.
+            bits: 8 or 4.
+            group_size: None for per-channel scales, else the group length along K.
+
+        Returns:
+            A QuantLinear on the linear's device.
+        """
+        w = linear.weight.detach()
+        n, k = w.shape
+        mod = cls(k, n, bits, group_size, bias=linear.bias is not None, dtype=torch.float32, device="meta")
+        qs, scales = [], []
+        # Rows are independent, so quantizing a slice at a time is exact and bounds the fp32 temporary.
+        for r in range(0, n, _QUANTIZE_ROWS):
+            wf = w[r : r + _QUANTIZE_ROWS].float()
+            q, s = quantize_per_channel(wf, bits) if group_size is None else quantize_grouped(wf, bits, group_size)
+            qs.append(pack_int4(q) if bits == 4 else q)
+            scales.append(s)
+        mod.weight = torch.cat(qs)
+        mod.weight_scale = torch.cat(scales)
+        if linear.bias is not None:
+            mod.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        linear.weight = None
+        return mod
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}"
+        )
+
+    # -------------------------------------------------------------------------------------------- packed weight
+
+    def packed_weight(self) -> Tensor:
+        """The weight in the official layout, int8 `[out, in * bits / 8]`, rebuilt if the CPU path dropped it."""
+        if self.weight is not None:
+            return self.weight
+        u = _untangle_int4_cpu(self._cpu_int4, *_int4_cpu_layout())
+        return pack_int4(u.to(torch.int8) - 8)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """`q * scale` as float `[out, in]` (fp32 unless `dtype` is given)."""
+        return dequantize(self.packed_weight(), self.weight_scale, self.bits, self.group_size, dtype=dtype)
+
+    def prepare(self) -> QuantLinear:
+        """Build the CPU kernel's repacked int4 weight now instead of at the first bf16/fp16 forward.
+
+        Where this torch build's layout is recognised, the official int4 tensor is then dropped, so memory stays
+        one packed copy; `state_dict()` and `packed_weight()` rebuild it exactly. Moving the module (`.to`),
+        or loading a state dict, restores the official tensor and drops the repacked one.
+
+        Returns:
+            self.
+        """
+        if self.weight_scale.device.type == "cpu" and self._cpu_kernel_ok():
+            self._cpu_weight()
+        return self
+
+    def _clear_cache(self) -> None:
+        self._cpu_int4: Tensor | None = None  # the int4 weight repacked for the CPU kernel
+        self._cpu_scales: Tensor | None = None  # the kernel's scale argument (bf16)
+        self._cpu_ok: bool | None = None
+
+    def _restore_official(self) -> None:
+        if self.weight is None:
+            self.weight = self.packed_weight()
+        self._clear_cache()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight is None:
+            destination[prefix + "weight"] = self.packed_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        self._restore_official()
+        incoming = state_dict.get(prefix + "weight_scale")
+        if isinstance(incoming, Tensor) and incoming.dtype != self.weight_scale.dtype:
+            # Copying into our buffer would convert the scale; take the stored dtype instead (never round down).
+            self.weight_scale = torch.empty_like(self.weight_scale, dtype=incoming.dtype)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _apply(self, fn, recurse=True):
+        self._restore_official()
+        scale = self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight_scale.dtype != scale.dtype:  # model.half() / .to(dtype): move the scale, keep its dtype
+            self.weight_scale = scale.to(device=self.weight_scale.device)
+        return self
+
+    # -------------------------------------------------------------------------------------------------- forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        """`F.linear(x, q * scale, bias)` without materialising the float weight.
+
+        Args:
+            x: `[..., in_features]`, fp32, bf16 or fp16.
+
+        Returns:
+            `[..., out_features]` in x's dtype.
+        """
+        if x.is_cuda and (kernel := _cuda_kernel()) is not None:
+            self.last_path = "triton"
+            return kernel(x, self.packed_weight(), self.weight_scale, self.bias, self.bits, self.group_size)
+        x2 = x.reshape(-1, self.in_features)
+        if (
+            x.device.type == "cpu"
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and x2.shape[0] <= self.cpu_kernel_max_rows
+            and self._cpu_kernel_ok()
+        ):
+            y = self._forward_cpu_kernel(x2)
+        elif x.device.type == "cpu":
+            y = self._forward_dequant_chunked(x2)
+        else:
+            self.last_path = "dequant"
+            w = self.dequantized_weight(x.dtype)
+            y = F.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _cpu_kernel_ok(self) -> bool:
+        """Whether an aten CPU kernel takes this layer's shape (they misbehave or reject shapes outside these)."""
+        if self._cpu_ok is None:
+            n, k = self.out_features, self.in_features
+            if self.bits == 8:
+                # Per-channel only. With K not a multiple of 16 it returns garbage (even crashes) in torch 2.13.
+                ok = self.group_size is None and k % 32 == 0 and _aten("_weight_int8pack_mm") is not None
+            else:
+                ok = n % 16 == 0 and self._int4_kernel_group() is not None and _int4_cpu_layout() is not None
+            self._cpu_ok = ok
+        return self._cpu_ok
+
+    def _int4_kernel_group(self) -> int | None:
+        # The kernel's group must divide ours: per-channel (one group of K) and large groups repeat the scale.
+        span = self.group_size or self.in_features
+        return next((g for g in _INT4_KERNEL_GROUPS if span % g == 0), None)
+
+    def _cpu_weight(self) -> tuple[Tensor, Tensor]:
+        """(weight operand, scale operand) of the CPU kernel, built once."""
+        if self._cpu_scales is None:
+            n, k = self.out_features, self.in_features
+            with torch.no_grad(), torch.inference_mode(False):
+                if self.bits == 8:
+                    # Unit scales: the per-channel scale factors out of the dot product and is applied afterwards
+                    # in fp32, exactly as stored, instead of being rounded to bf16 for the kernel.
+                    self._cpu_scales = torch.ones(n, dtype=torch.bfloat16)
+                else:
+                    g = self._int4_kernel_group()
+                    if self.group_size is None:
+                        scale = torch.ones(k // g, n, dtype=torch.bfloat16)  # factored out as for int8
+                    else:  # grouped scales cannot factor out: the kernel takes them in bf16
+                        rep = self.group_size // g
+                        scale = self.weight_scale.to(torch.bfloat16).repeat_interleave(rep, dim=1).t()
+                    # [K/g, N, 2]: (scale, zero) per group; the kernel computes (u - 8) * scale + zero.
+                    self._cpu_scales = torch.stack([scale, torch.zeros_like(scale)], -1).contiguous()
+                    self._cpu_int4 = _repack_int4_cpu(self.weight)
+                    # One copy of the weight: drop the official tensor, which `packed_weight` can rebuild.
+                    self.weight = None
+        return (self.weight if self.bits == 8 else self._cpu_int4), self._cpu_scales
+
+    def _forward_cpu_kernel(self, x2: Tensor) -> Tensor:
+        w, scales = self._cpu_weight()
+        xb = x2.to(torch.bfloat16).contiguous()  # fp16 too: the x86 kernels are ~30x slower in fp16 than bf16
+        if self.bits == 8:
+            self.last_path = "int8_cpu_kernel"
+            y = torch.ops.aten._weight_int8pack_mm(xb, w, scales)
+        else:
+            self.last_path = "int4_cpu_kernel"
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w, self._int4_kernel_group(), scales)
+        y = y.float()
+        if self.group_size is None:
+            y = y * self.weight_scale.float()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x2.dtype)
+
+    def _forward_dequant_chunked(self, x2: Tensor) -> Tensor:
+        self.last_path = "dequant"
+        # fp32 stays fp32 (exact); half inputs compute in bf16, the dtype the x86 GEMMs are fast in.
+        cdt = torch.float32 if x2.dtype == torch.float32 else torch.bfloat16
+        xc = x2.to(cdt)
+        n, k = self.out_features, self.in_features
+        # A multiple of 64 rows, so that slices of the CPU int4 layout hold whole blocks.
+        rows = max(64, _DEQUANT_CHUNK_BYTES // (4 * k) // 64 * 64)
+        out = torch.empty(x2.shape[0], n, dtype=cdt, device=x2.device)
+        for r in range(0, n, rows):
+            if self.weight is not None:
+                q, packed = self.weight[r : r + rows], self.bits == 4
+            else:  # only the CPU kernel's repacked copy is left: unpack its rows
+                u = _untangle_int4_cpu(self._cpu_int4[r : r + rows], *_int4_cpu_layout())
+                q, packed = u.to(torch.int8) - 8, False
+            w = dequantize(q, self.weight_scale[r : r + rows], self.bits, self.group_size, packed=packed, dtype=cdt)
+            b = None if self.bias is None else self.bias[r : r + rows].to(cdt)
+            out[:, r : r + rows] = F.linear(xc, w, b)
+        return out.to(x2.dtype)

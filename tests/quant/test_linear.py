@@ -1,0 +1,281 @@
+"""QuantLinear: official state dict layout, loading, dispatch and accuracy of every path."""
+
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ckpt import linear_prefixes, module_state
+
+import glm.quant.linear as qlinear
+from glm.quant import QuantLinear, dequantize, quantize_per_channel
+
+HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+HAS_INT4_KERNEL = qlinear._int4_cpu_layout() is not None
+HALF = (torch.bfloat16, torch.float16)
+CASES = [(8, None), (4, None), (4, 32), (4, 128), (8, 128)]
+
+
+def _linear(k, n, bias=True, dtype=torch.float32):
+    lin = torch.nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.05)
+        if bias:
+            lin.bias.normal_(0, 0.5)
+    return lin.to(dtype)
+
+
+def _truth(m: QuantLinear, x: torch.Tensor):
+    """fp64 `F.linear(x, q * scale, b)` and the matching magnitude `|x| @ |W|^T + |b|` (the scale of rounding)."""
+    w = m.dequantized_weight(torch.float64)
+    b = None if m.bias is None else m.bias.double()
+    x64 = x.double()
+    mag = F.linear(x64.abs(), w.abs(), None if b is None else b.abs())
+    return F.linear(x64, w, b), mag
+
+
+def _expected_path(bits, group_size, dtype, rows, k=256, n=384):
+    if dtype == torch.float32 or rows > QuantLinear.cpu_kernel_max_rows:
+        return "dequant"
+    if bits == 8:
+        return "int8_cpu_kernel" if HAS_INT8_KERNEL and group_size is None and k % 32 == 0 else "dequant"
+    return "int4_cpu_kernel" if HAS_INT4_KERNEL and n % 16 == 0 else "dequant"
+
+
+# ---------------------------------------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bits,group_size", CASES)
+def test_forward_matches_dequantize_then_linear(bits, group_size, dtype, rows):
+    k, n = 256, 384
+    m = QuantLinear.from_linear(_linear(k, n), bits, group_size)
+    x = torch.randn(rows, k).to(dtype)
+    y = m(x.view(1, rows, k))
+    assert y.shape == (1, rows, n) and y.dtype == dtype
+    assert m.last_path == _expected_path(bits, group_size, dtype, rows)
+    y = y.view(rows, n).double()
+    truth, mag = _truth(m, x)
+    if dtype == torch.float32:
+        # Exactly F.linear(x, q * scale, b) up to fp32 summation order: what the golden-logit tests need.
+        ref = F.linear(x, m.dequantized_weight(), m.bias)
+        assert (y - ref.double()).abs().max().item() <= 1e-5
+        assert ((y - truth).abs() <= 1e-6 * mag).all()
+    else:
+        # Half paths compute in bf16 with fp32 accumulation. Per output: the bf16 input (fp16 inputs are
+        # converted), the weight rounding or the kernel's rounding of the raw sum, and the output rounding each
+        # cost at most 2^-9 of |x| @ |W|^T + |b|; the sum stays below 2^-7 of it.
+        assert ((y - truth).abs() <= 2**-7 * mag).all()
+        # On average it is as accurate as dequantizing and running F.linear in bf16 (per-channel: better, the
+        # scale stays fp32; grouped: the kernel takes bf16 scales). fp16 inputs get bf16 accuracy on CPU, well
+        # below the weight quantization noise (int8 ~40 dB, bf16 rounding ~50 dB).
+        xb = x.bfloat16()
+        base = F.linear(xb, m.dequantized_weight(torch.bfloat16), m.bias.bfloat16()).double()
+        truth_b, _ = _truth(m, xb)
+        err, base_err = (y - truth).norm().item(), (base - truth_b).norm().item()
+        assert err <= 1.5 * base_err, (err, base_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits,group_size,k,n", [(8, None, 40, 64), (4, None, 48, 64), (4, 32, 64, 40), (4, None, 64, 8)])
+def test_shapes_the_cpu_kernels_refuse_fall_back_to_dequant(bits, group_size, k, n, dtype):
+    """The kernels need K % 32 (int8), N % 16 and a group of 32..256 (int4); otherwise dequantize."""
+    m = QuantLinear.from_linear(_linear(k, n), bits, group_size)
+    x = torch.randn(2, k).to(dtype)
+    y = m(x).double()
+    assert m.last_path == "dequant"
+    truth, mag = _truth(m, x)
+    assert ((y - truth).abs() <= (1e-6 if dtype == torch.float32 else 2**-7) * mag).all()
+
+
+@pytest.mark.skipif(not HAS_INT4_KERNEL, reason="no CPU int4 kernel in this torch")
+def test_dequant_path_reads_the_repacked_copy_in_chunks(monkeypatch):
+    """After the int4 weight is repacked (official tensor dropped), many-row inputs dequantize from the copy."""
+    monkeypatch.setattr(qlinear, "_DEQUANT_CHUNK_BYTES", 4 * 256 * 64)  # 64-row chunks: 64 + 64 + 48 rows
+    m = QuantLinear.from_linear(_linear(256, 176), 4, None).prepare()
+    assert m.weight is None
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(40, 256).to(dtype)
+        y = m(x).double()
+        assert m.last_path == "dequant"
+        truth, mag = _truth(m, x)
+        assert ((y - truth).abs() <= (1e-6 if dtype == torch.float32 else 2**-7) * mag).all()
+
+
+def test_kernel_is_used_up_to_cpu_kernel_max_rows():
+    m = QuantLinear.from_linear(_linear(256, 384), 8)
+    limit = QuantLinear.cpu_kernel_max_rows
+    m(torch.randn(limit, 256).bfloat16())
+    assert m.last_path == ("int8_cpu_kernel" if HAS_INT8_KERNEL else "dequant")
+    m(torch.randn(limit + 1, 256).bfloat16())
+    assert m.last_path == "dequant"
+
+
+# ---------------------------------------------------------------------------------- layout and loading
+
+
+def test_from_linear_matches_the_official_checkpoints_and_frees_the_float_weight(fp16_sd, int8_sd, int4_sd):
+    for bits, ref in ((8, int8_sd), (4, int4_sd)):
+        for p in linear_prefixes(ref):
+            w = fp16_sd[p + ".weight"]
+            lin = torch.nn.Linear(w.shape[1], w.shape[0], dtype=torch.float16)
+            lin.weight.data, lin.bias.data = w, fp16_sd[p + ".bias"]
+            m = QuantLinear.from_linear(lin, bits)
+            assert lin.weight is None
+            sd = m.state_dict()
+            assert set(sd) == {"weight", "weight_scale", "bias"}
+            for key in sd:
+                assert sd[key].dtype == ref[f"{p}.{key}"].dtype and torch.equal(sd[key], ref[f"{p}.{key}"]), (p, key)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_meta_construction_then_assign_loading_of_the_official_checkpoint(bits, int8_sd, int4_sd):
+    ref = int8_sd if bits == 8 else int4_sd
+    for p in linear_prefixes(ref):
+        state = module_state(ref, p)
+        n, k = state["weight"].shape[0], state["weight"].shape[1] * 8 // bits
+        with torch.device("meta"):
+            m = QuantLinear(k, n, bits, dtype=torch.float16)  # the loader passes the model dtype
+        m.load_state_dict(state, assign=True, strict=True)
+        assert not any(t.is_meta for t in m.state_dict().values())
+        assert m.weight_scale.dtype == torch.float32  # as stored, not the module's fp16
+        x = torch.randn(3, k)
+        q = state["weight"] if bits == 8 else None
+        w = dequantize(state["weight"], state["weight_scale"], bits)
+        if q is not None:
+            assert torch.equal(w, q.float() * state["weight_scale"][:, None])
+        ref_y = F.linear(x, w, state["bias"].float())
+        assert (m(x) - ref_y).abs().max().item() <= 1e-5
+
+
+def test_copy_loading_keeps_the_stored_scale_dtype(int4_sd):
+    p = linear_prefixes(int4_sd)[0]
+    state = module_state(int4_sd, p)
+    m = QuantLinear(state["weight"].shape[1] * 2, state["weight"].shape[0], 4, dtype=torch.float16)
+    m.load_state_dict(state)  # no assign: copying into an fp16 buffer would round the fp32 scales
+    assert m.weight_scale.dtype == torch.float32 and torch.equal(m.weight_scale, state["weight_scale"])
+
+
+@pytest.mark.parametrize("bits,group_size", CASES)
+def test_state_dict_round_trip_is_exact(bits, group_size):
+    m = QuantLinear.from_linear(_linear(256, 384), bits, group_size)
+    official = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(2, 256)
+    y32, y16 = m(x), m(x.bfloat16())  # the bf16 call may repack the weight and drop the official tensor
+    sd = m.state_dict()
+    assert set(sd) == {"weight", "weight_scale", "bias"}
+    assert sd["weight"].shape == (384, 256 * bits // 8) and sd["weight"].dtype == torch.int8
+    assert all(torch.equal(sd[k], official[k]) for k in official)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    with torch.device("meta"):
+        m2 = QuantLinear(256, 384, bits, group_size)
+    m2.load_state_dict(torch.load(buf, weights_only=True), assign=True)
+    assert torch.equal(m2(x), y32) and torch.equal(m2(x.bfloat16()), y16)
+
+
+@pytest.mark.skipif(not HAS_INT4_KERNEL, reason="no CPU int4 kernel in this torch")
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_int4_cpu_copy_replaces_the_official_tensor(group_size):
+    """One packed copy in memory; the official tensor is rebuilt exactly for saving, moving or reloading."""
+    n, k = 2112, 64  # more rows than one repacking slice, and a short last block
+    m = QuantLinear.from_linear(_linear(k, n), 4, group_size)
+    official = m.weight.clone()
+    m.prepare()
+    assert m.weight is None and m._cpu_int4.numel() == n * k // 2
+    assert torch.equal(m.state_dict()["weight"], official)
+    assert torch.equal(m.packed_weight(), official)
+    x = torch.randn(1, k).bfloat16()
+    truth, mag = _truth(m, x)
+    assert ((m(x).double() - truth).abs() <= 2**-7 * mag).all()
+    m.float()  # moving the module restores the official tensor and drops the copy
+    assert torch.equal(m.weight, official) and m._cpu_int4 is None
+    m.prepare()
+    other = QuantLinear.from_linear(_linear(k, n), 4, group_size)
+    m.load_state_dict(other.state_dict())
+    assert torch.equal(m.weight, other.weight)
+    assert torch.equal(m(x), other(x))
+
+
+def test_int8_cpu_kernel_uses_the_official_tensor_in_place():
+    m = QuantLinear.from_linear(_linear(256, 384), 8)
+    w = m.weight
+    m(torch.randn(1, 256).bfloat16())
+    assert m.weight is w and m._cpu_int4 is None
+
+
+def test_fp16_scales_are_used_as_stored(int8_sd):
+    """The released files hold fp16 scales: the result is `q * scale_fp16`, upcast, in every path."""
+    p = linear_prefixes(int8_sd)[0]
+    state = dict(module_state(int8_sd, p))
+    state["weight_scale"] = state["weight_scale"].half()
+    n, k = state["weight"].shape
+    with torch.device("meta"):
+        m = QuantLinear(k, n, 8)
+    m.load_state_dict(state, assign=True)
+    assert m.weight_scale.dtype == torch.float16
+    x = torch.randn(4, k)
+    w16 = state["weight"].float() * state["weight_scale"].float()[:, None]
+    assert (m(x) - F.linear(x, w16, state["bias"].float())).abs().max().item() <= 1e-5
+    truth = F.linear(x.bfloat16().double(), w16.double(), state["bias"].double())
+    mag = F.linear(x.bfloat16().double().abs(), w16.double().abs(), state["bias"].double().abs())
+    assert ((m(x.bfloat16()).double() - truth).abs() <= 2**-7 * mag).all()
+    assert m.state_dict()["weight_scale"].dtype == torch.float16
+
+
+def test_dtype_conversions_never_touch_the_scale_dtype():
+    m = QuantLinear.from_linear(_linear(64, 32), 4)
+    s = m.weight_scale.clone()
+    m.half()
+    assert m.weight_scale.dtype == torch.float32 and torch.equal(m.weight_scale, s)
+    assert m.bias.dtype == torch.float16 and m.weight.dtype == torch.int8
+    m.to(torch.bfloat16)
+    assert m.weight_scale.dtype == torch.float32 and torch.equal(m.weight_scale, s)
+    assert m.bias.dtype == torch.bfloat16
+
+
+def test_from_linear_quantizes_in_fp32():
+    lin = _linear(128, 64, dtype=torch.float16)
+    w = lin.weight.detach().clone()
+    m = QuantLinear.from_linear(lin, 8)
+    q, s = quantize_per_channel(w.float(), 8)
+    assert m.weight_scale.dtype == torch.float32 and torch.equal(m.weight_scale, s) and torch.equal(m.weight, q)
+    assert m.bias.dtype == torch.float16
+    m4 = QuantLinear.from_linear(_linear(128, 64, bias=False), 4)
+    assert m4.bias is None and m4.weight.shape == (64, 64) and set(m4.state_dict()) == {"weight", "weight_scale"}
+
+
+def test_constructor_checks():
+    with pytest.raises(ValueError):
+        QuantLinear(64, 32, 3)
+    with pytest.raises(ValueError):
+        QuantLinear(64, 32, 4, group_size=48)
+    with pytest.raises(ValueError):
+        QuantLinear(63, 32, 4)
+    m = QuantLinear(256, 32, 4, group_size=128, bias=False, device="meta")
+    assert m.weight.shape == (32, 128) and m.weight_scale.shape == (32, 2) and m.bias is None
+    assert "bits=4" in repr(m)
+
+
+def test_importing_glm_quant_does_not_import_triton():
+    code = "import sys, glm.quant; assert 'triton' not in sys.modules, 'triton imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,group_size", CASES)
+def test_cuda_forward_matches_dequantize(bits, group_size):
+    m = QuantLinear.from_linear(_linear(256, 384), bits, group_size).cuda()
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        x = torch.randn(5, 256, device="cuda").to(dtype)
+        y = m(x).double()
+        truth, mag = _truth(m, x)
+        if dtype != torch.float32:
+            tol = 2**-7
+        else:  # a triton kernel may multiply fp32 in TF32 (10-bit mantissa); the dequant fallback is plain fp32
+            tol = 2**-9 if m.last_path == "triton" else 1e-5
+        assert ((y - truth).abs() <= tol * mag).all(), (dtype, m.last_path)

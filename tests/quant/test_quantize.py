@@ -1,0 +1,128 @@
+"""`quantize_`: which linears are swapped, and the quantized tiny model against the reference's golden logits."""
+
+import json
+
+import pytest
+import torch
+from ckpt import FIXTURES
+from torch import nn
+
+from glm.quant import QuantLinear, is_quantized_linear_name, quantize_, quantized_linear_names, sqnr
+
+
+class _Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.attention = nn.Module()
+        self.attention.query_key_value = nn.Linear(c, 3 * c)
+        self.attention.dense = nn.Linear(c, c)
+        self.mlp = nn.Module()
+        self.mlp.dense_h_to_4h = nn.Linear(c, 4 * c)
+        self.mlp.dense_4h_to_h = nn.Linear(4 * c, c)
+
+    def forward(self, x):
+        x = x + self.attention.dense(self.attention.query_key_value(x)[..., : x.shape[-1]])
+        return x + self.mlp.dense_4h_to_h(torch.relu(self.mlp.dense_h_to_4h(x)))
+
+
+class _Toy(nn.Module):
+    """Named like glm.model.GLM: the block linears, plus an embedding and a head that stay float by default."""
+
+    def __init__(self, c=64, vocab=128, layers=2):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab, c)
+        self.layers = nn.ModuleList(_Block(c) for _ in range(layers))
+        self.lm_head = nn.Linear(c, vocab, bias=False)
+        self.other = nn.Linear(c, c)  # not a checkpoint linear: never quantized
+
+    def forward(self, ids):
+        x = self.word_embeddings(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(x + self.other(x))
+
+
+def test_names():
+    assert quantized_linear_names() == (
+        "attention.query_key_value",
+        "attention.dense",
+        "mlp.dense_h_to_4h",
+        "mlp.dense_4h_to_h",
+    )
+    assert quantized_linear_names(include_lm_head=True)[-1] == "lm_head"
+    yes = ["layers.0.attention.query_key_value", "transformer.layers.27.mlp.dense_4h_to_h.weight",
+           "layers.3.attention.dense.weight_scale", "layers.3.mlp.dense_h_to_4h.bias"]
+    no = ["word_embeddings", "layers.0.attention", "layers.0.attention.rotary_emb.inv_freq",
+          "layers.0.input_layernorm.weight", "lm_head", "lm_head.weight", "layers.0.xattention.dense"]
+    assert all(is_quantized_linear_name(n) for n in yes)
+    assert not any(is_quantized_linear_name(n) for n in no)
+    assert is_quantized_linear_name("lm_head", include_lm_head=True)
+    assert is_quantized_linear_name("lm_head.weight", include_lm_head=True)
+
+
+@pytest.mark.parametrize("bits,group_size,min_db", [(8, None, 35), (4, None, 12), (4, 32, 15)])
+@pytest.mark.parametrize("include_lm_head", [False, True])
+def test_quantize_swaps_the_block_linears_in_place(bits, group_size, min_db, include_lm_head):
+    model = _Toy()
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        ref = model(ids)
+    emb = model.word_embeddings.weight
+    assert quantize_(model, bits, group_size, include_lm_head=include_lm_head) is model
+    swapped = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    expect = {f"layers.{i}.{s}" for i in range(2) for s in quantized_linear_names()}
+    assert swapped == expect | ({"lm_head"} if include_lm_head else set())
+    assert all(m.bits == bits and m.group_size == group_size for n, m in model.named_modules() if n in swapped)
+    assert type(model.other) is nn.Linear and model.word_embeddings.weight is emb
+    with torch.no_grad():
+        assert sqnr(ref, model(ids)) > min_db
+
+
+def test_quantize_progress_bar_runs():
+    pytest.importorskip("tqdm")
+    model = quantize_(_Toy(layers=1), 8, progress=True)
+    assert isinstance(model.layers[0].mlp.dense_4h_to_h, QuantLinear)
+
+
+def _golden(name):
+    from safetensors.torch import load_file
+
+    folder = FIXTURES / name
+    return json.loads((folder / "golden.json").read_text())["cases"], load_file(str(folder / "golden.safetensors"))
+
+
+def _last8(case, logits):
+    return logits[-8:] if case.get("logits_positions") == "last8" else logits
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_tiny_model_reproduces_the_reference_logits(bits):
+    """glm-tiny (fp16 weights, run in fp32) quantized by `quantize_` gives the reference int8/int4 logits."""
+    import glm
+
+    m = glm.load(FIXTURES / "glm-tiny")
+    quantize_(m.model, bits)
+    assert sum(isinstance(mod, QuantLinear) for mod in m.model.modules()) == 4 * m.config.num_layers
+    cases, tensors = _golden(f"glm-tiny-int{bits}")
+    for case in (c for c in cases if "logits" in c):
+        ours = _last8(case, m.logits(case["input_ids"]))
+        ref = tensors[case["logits"]]
+        assert ours.shape == ref.shape
+        assert (ours - ref).abs().max().item() <= 1e-4, case["logits"]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_tiny_model_in_bf16_uses_the_cpu_kernels(bits):
+    import glm
+
+    m = glm.load(FIXTURES / "glm-tiny", dtype="bfloat16")
+    quantize_(m.model, bits)
+    cases, tensors = _golden(f"glm-tiny-int{bits}")
+    case = next(c for c in cases if "logits" in c)
+    ours = _last8(case, m.logits(case["input_ids"]))
+    paths = {mod.last_path for mod in m.model.modules() if isinstance(mod, QuantLinear)}
+    rows = len(case["input_ids"])
+    if rows <= QuantLinear.cpu_kernel_max_rows and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        assert paths == {f"int{bits}_cpu_kernel"}
+    # bf16 through 3 blocks: far from fp32's 1e-4, but the same logits to bf16 accuracy
+    assert sqnr(tensors[case["logits"]], ours) > 30
