@@ -211,9 +211,12 @@ class Decoder:
 
     The caches are preallocated for (batch, max_len) and reused by every later call that fits, across turns.
     Eager mode reads only the key slots in use (best on CPU). With `compile=True` the step runs through
-    `torch.compile(mode="reduce-overhead")` (CUDA graphs on a GPU) with fixed shapes: attention reads all
-    `max_len` slots, and the mask hides the unwritten ones.
+    `torch.compile(mode="reduce-overhead")` (CUDA graphs on a GPU) with fixed shapes: attention reads the key
+    slots rounded up to a bucket of `KEY_BUCKET`, so that a handful of graphs serve every context length without
+    reading all `max_len` slots at every step; the mask hides the unwritten ones.
     """
+
+    KEY_BUCKET = 512
 
     def __init__(self, model, compile: bool = False):
         self.model = model
@@ -227,7 +230,7 @@ class Decoder:
         B, S = self._shape
         if self.caches is None or B != batch or S < max_len or self.caches[0].k.dtype != self.model.dtype:
             self.caches = None  # free the old ones first
-            # Compiled graphs specialise on the cache shape: round it up so that turns share one graph.
+            # Compiled graphs specialise on the cache shape: round it up so that later turns share the graphs.
             S = max(max_len, self.model.config.max_sequence_length) if self.compile else max_len
             self.caches = self.model.new_caches(batch, S)
             self._shape = (batch, S)
@@ -236,15 +239,21 @@ class Decoder:
 
     def step(self, tok: Tensor, pos: Tensor, slot: Tensor, key_valid: Tensor, n_keys: int) -> Tensor:
         """Logits (B, V) of one new token per row. tok (B, 1), pos (B, 2, 1), slot (1,), key_valid (B, S_max)."""
-        if not self.compile:
-            # A decode query sees every written non-pad slot: the prefix ones and all earlier ones.
-            mask = key_valid[:, None, None, :n_keys]
-            return self.model(tok, pos, mask, self.caches, slot, last_only=True)[:, -1]
-        if self._step is None:
-            self._step = torch.compile(self._full_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-        return self._step(tok, pos, slot, key_valid[:, None, None, :]).clone()
+        if self.compile:
+            S = key_valid.shape[1]
+            n = min(S, -(-n_keys // self.KEY_BUCKET) * self.KEY_BUCKET)
+            try:
+                if self._step is None:
+                    self._step = torch.compile(self._eager_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+                return self._step(tok, pos, slot, key_valid[:, None, None, :n]).clone()
+            except Exception as e:  # noqa: BLE001 - a compiler problem must not end the conversation
+                warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); decoding eagerly", RuntimeWarning,
+                              stacklevel=2)
+                self.compile = False
+        # A decode query sees every written non-pad slot: the prefix ones and all earlier ones.
+        return self._eager_step(tok, pos, slot, key_valid[:, None, None, :n_keys])
 
-    def _full_step(self, tok, pos, slot, mask):
+    def _eager_step(self, tok, pos, slot, mask):
         return self.model(tok, pos, mask, self.caches, slot, last_only=True)[:, -1]
 
 

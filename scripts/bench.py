@@ -42,12 +42,12 @@ def build_random(cfg: GLMConfig, device, dtype, quant: int | None, group_size: i
 
     def fill(module: torch.nn.Module, gen_seed: int):
         module.to_empty(device=device)
-        g = torch.Generator(device="cpu").manual_seed(gen_seed)
+        g = torch.Generator(device=device).manual_seed(gen_seed)  # on the device: fast, same weights every mode
         for name, p in module.named_parameters(recurse=False):
-            if "layernorm" in type(module).__name__.lower() or isinstance(module, torch.nn.LayerNorm):
+            if isinstance(module, torch.nn.LayerNorm):
                 p.data.fill_(1.0 if name == "weight" else 0.0)
             else:
-                p.data.copy_((torch.randn(p.shape, generator=g) * 0.02).to(dtype))
+                p.data.copy_((torch.randn(p.shape, generator=g, device=device) * 0.02).to(dtype))
 
     fill(model.word_embeddings, seed)
     fill(model.final_layernorm, seed + 1)
