@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One prepared GPU run: the GPU-marked tests, the kernel micro-benchmarks and the decode benchmarks.
+# Usage: bash scripts/gpu_check.sh [OUTDIR]   (writes gpu_tests.log and bench.jsonl there; default ./out)
+set -uo pipefail
+out=${1:-out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 GRADIO_ANALYTICS_ENABLED=False
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+timeout 240 python -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log" | tail -5
+{
+  timeout 120 python scripts/bench_kernels.py
+  timeout 300 python scripts/bench.py --device cuda --compile --modes fp16,int8,int4 --prompt 512 --new 256 \
+    --memory-context 2048
+  timeout 120 python scripts/bench.py --device cuda --compile --modes int4 --batch 4 --prompt 512 --new 128 --no-naive
+} 2>&1 | tee "$out/bench.jsonl"
