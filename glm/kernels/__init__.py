@@ -1,0 +1,90 @@
+"""Weight-only INT8/INT4 matmul: fused Triton kernels and their pure-torch references.
+
+- ``wq_linear`` is the entry point: any leading shape, the GEMV kernel for up to 16 rows (decoding), the GEMM
+  kernel above (prefill), the torch reference where the kernels cannot run.
+- The kernels live in ``glm.kernels.wq_gemv`` and ``glm.kernels.wq_gemm``; the references, ``unpack_int4`` and
+  ``dequantize`` in ``glm.kernels.reference``.
+
+Importing this package does not import triton (it is imported on first use), so CPU-only installs work.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from glm.kernels._launch import GEMV_MAX_ROWS, interpreting, kernel_group_ok
+from glm.kernels.reference import (
+    dequantize,
+    unpack_int4,
+    wq_gemm_reference,
+    wq_gemv_reference,
+    wq_linear_reference,
+)
+
+__all__ = [
+    "GEMV_MAX_ROWS",
+    "dequantize",
+    "triton_available",
+    "unpack_int4",
+    "wq_gemm_reference",
+    "wq_gemv_reference",
+    "wq_linear",
+    "wq_linear_reference",
+]
+
+
+@functools.cache
+def _triton_imports() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_available() -> bool:
+    """True when the Triton kernels can run: triton imports, and CUDA is available or ``TRITON_INTERPRET=1``."""
+    return _triton_imports() and (torch.cuda.is_available() or interpreting())
+
+
+def wq_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int | None,
+) -> torch.Tensor:
+    """Weight-only quantized linear ``y = x @ (q * scale).T + bias`` for x of any leading shape.
+
+    Rows are flattened; up to ``GEMV_MAX_ROWS`` go to the GEMV kernel, more to the GEMM kernel. The torch reference
+    runs instead where the kernels cannot: float32 x, a group size that is not a power of two >= 32, triton
+    missing, or a CPU tensor outside the interpreter.
+
+    Args:
+        x: ``[..., K]`` float16 or bfloat16 (float32 takes the reference).
+        qweight: int8, ``[N, K]`` for bits=8, or ``[N, K // 2]`` for bits=4 (two signed nibbles per byte, the
+            even k in the high nibble).
+        scale: ``[N]`` or ``[N, K // group_size]``, any float dtype, upcast to float32.
+        bias: ``[N]`` or None.
+        bits: 4 or 8.
+        group_size: None for per-channel scales, else the group length along K.
+
+    Returns:
+        ``[..., N]`` in x's dtype.
+    """
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    kernel_args_ok = x.dtype in (torch.float16, torch.bfloat16) and kernel_group_ok(group_size)
+    if not (kernel_args_ok and (x.is_cuda or interpreting()) and triton_available()):
+        y = wq_linear_reference(x2, qweight, scale, bias, bits, group_size)
+    elif x2.shape[0] <= GEMV_MAX_ROWS:
+        from glm.kernels.wq_gemv import wq_gemv
+
+        y = wq_gemv(x2, qweight, scale, bias, bits, group_size)
+    else:
+        from glm.kernels.wq_gemm import wq_gemm
+
+        y = wq_gemm(x2, qweight, scale, bias, bits, group_size)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])

@@ -1,0 +1,153 @@
+"""Pure-torch weight-only INT8/INT4 linear: the oracle the Triton kernels are tested against, and their CPU fallback.
+
+The scheme is the official ChatGLM-6B quantized release's (see the spec, "Quantized releases"):
+
+- the dequantized weight is ``w[n, k] = q[n, k] * scale[n]``, or ``q[n, k] * scale[n, k // group_size]`` when the
+  scales are grouped along K;
+- INT8 stores ``q`` as ``[N, K]`` int8;
+- INT4 stores ``[N, K // 2]`` int8 bytes, two signed nibbles per byte along K, the even k in the high nibble:
+  ``byte = (q[2j] << 4) | (q[2j + 1] & 0xF)``.
+
+Everything here is written to be obviously right rather than fast: unpack, dequantize in float32, matmul in float32,
+cast once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Unpacks the official ChatGLM INT4 layout into one signed value per element.
+
+    Args:
+        packed: ``[N, K // 2]`` int8, two signed nibbles per byte, the even k in the high nibble.
+
+    Returns:
+        ``[N, K]`` int8 with values in [-8, 7].
+    """
+    if packed.dtype != torch.int8:
+        raise TypeError(f"packed INT4 weights must be int8, got {packed.dtype}")
+    high = packed >> 4  # arithmetic shift: sign-extends the even-k nibble
+    low = (packed << 4) >> 4  # move the odd-k nibble to the top, then sign-extend it back down
+    return torch.stack((high, low), dim=-1).flatten(-2)
+
+
+def dequantize(qweight: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
+    """Dequantizes a weight to float32, with the scale upcast (never rounded down).
+
+    Args:
+        qweight: int8, ``[N, K]`` for bits=8 or ``[N, K // 2]`` packed for bits=4.
+        scale: ``[N]`` per output channel, or ``[N, K // group_size]`` when grouped; any float dtype.
+        bits: 4 or 8.
+        group_size: None for per-channel scales, else the number of consecutive k sharing one scale.
+
+    Returns:
+        ``[N, K]`` float32 ``q * scale``.
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    q = unpack_int4(qweight) if bits == 4 else qweight
+    scale = scale.float()
+    if group_size is None:
+        return q.float() * scale[:, None]
+    return q.float() * scale.repeat_interleave(group_size, dim=1)
+
+
+def check_wq_args(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int | None,
+) -> tuple[int, int, int]:
+    """Checks that the arguments of a weight-only quantized linear fit together.
+
+    Args:
+        x: ``[M, K]`` activations.
+        qweight: int8, ``[N, K]`` (bits=8) or ``[N, K // 2]`` (bits=4).
+        scale: ``[N]`` or ``[N, K // group_size]``.
+        bias: ``[N]`` or None.
+        bits: 4 or 8.
+        group_size: None or a positive divisor of K.
+
+    Returns:
+        ``(M, N, K)``.
+
+    Raises:
+        TypeError: on a wrong dtype.
+        ValueError: on a wrong shape or an unsupported bits / group_size.
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if qweight.dtype != torch.int8:
+        raise TypeError(f"qweight must be int8, got {qweight.dtype}")
+    if qweight.dim() != 2:
+        raise ValueError(f"qweight must be 2-D, got shape {tuple(qweight.shape)}")
+    M, K = x.shape
+    N = qweight.shape[0]
+    if bits == 4 and K % 2:
+        raise ValueError(f"bits=4 packs two values per byte along K, so K must be even, got K={K}")
+    packed_k = K * bits // 8
+    if qweight.shape[1] != packed_k:
+        raise ValueError(
+            f"qweight has shape {tuple(qweight.shape)}, expected [N, {packed_k}] for bits={bits} and x with K={K}"
+        )
+    if scale.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"scale must be float16, bfloat16 or float32, got {scale.dtype}")
+    if group_size is None:
+        expected_scale: tuple[int, ...] = (N,)
+    else:
+        if not isinstance(group_size, int) or group_size <= 0 or K % group_size:
+            raise ValueError(f"group_size must be None or a positive divisor of K={K}, got {group_size}")
+        expected_scale = (N, K // group_size)
+    if tuple(scale.shape) != expected_scale:
+        raise ValueError(
+            f"scale has shape {tuple(scale.shape)}, expected {list(expected_scale)} for group_size={group_size}"
+        )
+    if bias is not None:
+        if tuple(bias.shape) != (N,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected [{N}]")
+        if bias.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"bias must be a float tensor, got {bias.dtype}")
+    return M, N, K
+
+
+def wq_linear_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int | None,
+) -> torch.Tensor:
+    """``y = x @ dequant(W).T + b`` in float32, cast once to x's dtype.
+
+    Args:
+        x: ``[M, K]`` float16, bfloat16 or float32.
+        qweight: int8, ``[N, K]`` for bits=8 or ``[N, K // 2]`` packed for bits=4.
+        scale: ``[N]`` or ``[N, K // group_size]``, any float dtype (upcast to float32).
+        bias: ``[N]`` or None.
+        bits: 4 or 8.
+        group_size: None for per-channel scales, else the group length along K.
+
+    Returns:
+        ``[M, N]`` in x's dtype.
+    """
+    check_wq_args(x, qweight, scale, bias, bits, group_size)
+    y = x.float() @ dequantize(qweight, scale, bits, group_size).T  # (M, N) fp32
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+# The kernels differ only in how they are tuned, so both share one oracle; the names mirror the kernels'.
+wq_gemv_reference = wq_linear_reference
+wq_gemm_reference = wq_linear_reference
