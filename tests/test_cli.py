@@ -1,0 +1,375 @@
+"""glm-chat, run as a user runs it: in a real pseudo-terminal (pexpect), with piped stdin, and with --prompt.
+
+Replies are compared with the golden replies of the official implementation (`chatglm-tiny/golden.json` → chat),
+turn by turn. The golden turns use a different max_length each (44, 110, 168, 226, then 12), so the terminal
+session changes it between turns with `/set max-length N`, as a user can; the history is the CLI's own.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import glm
+from glm import cli
+from glm.chat import build_prompt, fit_history
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tests" / "fixtures" / "chatglm-tiny"
+TURNS = json.loads((TINY / "golden.json").read_text())["chat"]
+FIRST = TURNS[0]  # 你好 at max_length 44; the same reply comes at 2048, where it ends with <eop>
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+pexpect = pytest.importorskip("pexpect")
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ)
+    e.update(LANG="C.UTF-8", LC_ALL="C.UTF-8", TERM="xterm", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT),
+             PYTHONUNBUFFERED="1")
+    e.update(extra)
+    return e
+
+
+def run(*args, input=None, **extra_env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "glm", *args], input=input, capture_output=True, text=True,
+                          encoding="utf-8", cwd=ROOT, env=env(**extra_env), timeout=120)
+
+
+def spawn(*args):
+    child = pexpect.spawn(sys.executable, ["-m", "glm", "--model", str(TINY), *args], cwd=str(ROOT), env=env(),
+                          encoding="utf-8", timeout=60, dimensions=(50, 400))
+    child.expect_exact("User: ")
+    return child
+
+
+def send_query(child, query: str) -> None:
+    """Type a query; its newlines are typed as a trailing backslash and Enter, as a user continues a message."""
+    lines = query.split("\n")
+    for line in lines[:-1]:
+        child.sendline(line + "\\")
+        child.expect_exact("... ")
+    child.sendline(lines[-1])
+
+
+def read_reply(child) -> str:
+    """The reply printed after 'ChatGLM: ', up to the next prompt."""
+    child.expect_exact("ChatGLM: ")
+    child.expect_exact("User: ")
+    return ANSI.sub("", child.before).replace("\r\n", "\n").rstrip("\n")
+
+
+def ask(child, query: str) -> str:
+    send_query(child, query)
+    return read_reply(child)
+
+
+def set_max_length(child, n: int) -> None:
+    child.sendline(f"/set max-length {n}")
+    child.expect_exact(f"max-length {n},")
+    child.expect_exact("User: ")
+
+
+# ---------------------------------------------------------------------------------------------------- terminal
+
+
+def test_terminal_replies_equal_golden_turn_by_turn_then_clear_and_stop(chatglm_tiny):
+    child = spawn("--greedy")
+    try:
+        for turn in TURNS[:4]:  # the history carried from turn to turn is the CLI's own
+            set_max_length(child, turn["max_length"])
+            assert ask(child, turn["query"]) == turn["response"]
+
+        # `clear` must really forget: with the four rounds still there, 你好 at 2048 gets another reply.
+        full = [(t["query"], t["response"]) for t in TURNS[:4]]
+        assert chatglm_tiny.chat(FIRST["query"], full, max_length=2048, do_sample=False)[0] != FIRST["response"]
+        child.sendline("clear")
+        child.expect_exact("(history cleared)")
+        child.expect_exact("User: ")
+        set_max_length(child, 2048)
+        assert ask(child, FIRST["query"]) == FIRST["response"]
+
+        # The last golden turn: a reply cut by max_length 12. The round above no longer fits and is dropped.
+        last = TURNS[4]
+        assert last["history"] == []
+        set_max_length(child, last["max_length"])
+        send_query(child, last["query"])
+        child.expect_exact("(dropped the 1 oldest round of the history to fit --max-length 12)")
+        assert read_reply(child) == last["response"]
+
+        child.sendline("stop")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+def test_terminal_ctrl_c_stops_the_reply_and_keeps_the_session():
+    # --delay-ms (hidden, CLI only) paces the tiny model's tokens to 60 ms so that Ctrl+C lands mid-reply.
+    child = spawn("--greedy", "--delay-ms", "60")
+    try:
+        child.sendline(FIRST["query"])
+        child.expect_exact("ChatGLM: ")
+        child.expect_exact("记者了解到")  # the first words have streamed; the whole reply takes over 2 s
+        child.sendintr()
+        child.expect_exact(" [stopped]")
+        cut = ANSI.sub("", "记者了解到" + child.before).replace("^C", "")  # the terminal echoes ^C
+        assert FIRST["response"].startswith(cut) and len(cut) < len(FIRST["response"])
+        child.expect_exact("User: ")
+
+        # Still the same session: the cut reply is in the history, so `clear`, and the golden reply comes back.
+        child.sendline("clear")
+        child.expect_exact("(history cleared)")
+        child.expect_exact("User: ")
+        # Readline editing: a typo erased with Backspace.
+        child.send(FIRST["query"] + "x\x7f\r")
+        assert read_reply(child) == FIRST["response"]
+
+        # Readline history: Up twice recalls 'clear' and then the query before it.
+        child.sendline("clear")
+        child.expect_exact("User: ")
+        child.send("\x1b[A\x1b[A\r")
+        assert read_reply(child) == FIRST["response"]
+
+        # Ctrl+C at the prompt only warns; Ctrl+D exits.
+        child.sendintr()
+        child.expect_exact("(Ctrl+C again, 'stop' or Ctrl+D to exit)")
+        child.expect_exact("User: ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+# ---------------------------------------------------------------------------------------------------- pipes
+
+
+def golden_script(turns) -> str:
+    lines = []
+    for t in turns:
+        lines.append(f"/set max-length {t['max_length']}")
+        lines.append(t["query"].replace("\n", "\\\n"))
+    return "\n".join(lines) + "\n"
+
+
+def test_piped_stdin_answers_each_line():
+    r = run("--model", str(TINY), "--greedy", input=golden_script(TURNS[:4]))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "".join(t["response"] + "\n" for t in TURNS[:4])
+    assert "glm: chatglm-tiny on cpu, float32, no quant" in r.stderr
+
+
+def test_piped_stdin_reports_a_query_too_long_and_goes_on():
+    r = run("--model", str(TINY), "--greedy", "--max-length", "44", input="很长的问题" * 30 + "\n你好\n")
+    assert r.stdout == FIRST["response"] + "\n"
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert len(errors) == 1 and "too long for max_length=44" in errors[0]
+    assert r.returncode == 1
+
+
+@pytest.mark.parametrize("turn", [TURNS[0], TURNS[4]], ids=["44", "12"])
+def test_prompt_answers_once(turn):
+    r = run("--model", str(TINY), "--greedy", "--max-length", str(turn["max_length"]), "--prompt", turn["query"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == turn["response"] + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+
+
+def one_line_error(r: subprocess.CompletedProcess, code: int) -> str:
+    assert r.returncode == code, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout == ""
+    return lines[0]
+
+
+def test_error_unknown_model_offline(tmp_path):
+    r = run("--model", "nobody/no-such-model", "--prompt", "hi", HF_HOME=str(tmp_path))
+    line = one_line_error(r, 1)
+    assert line.startswith("python -m glm: error:") and "not in the local Hugging Face cache" in line
+
+
+def test_error_no_such_folder(tmp_path):
+    line = one_line_error(run("--model", str(tmp_path / "missing"), "--prompt", "hi"), 1)
+    assert "no such folder" in line
+
+
+def test_error_folder_without_tokenizer():
+    line = one_line_error(run("--model", str(ROOT / "tests/fixtures/glm-tiny"), "--prompt", "hi"), 1)
+    assert "no ice_text.model" in line
+
+
+def test_error_cuda_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    line = one_line_error(run("--model", str(TINY), "--device", "cuda", "--prompt", "hi"), 1)
+    assert "CUDA was requested but no CUDA GPU is available" in line
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--top-p", "1.5"], "argument --top-p: must be in (0, 1]"),
+    (["--top-p", "nan"], "argument --top-p: expected a number"),
+    (["--max-length", "0"], "argument --max-length: must be a positive"),
+    (["--temperature", "-1"], "argument --temperature: must be >= 0"),
+    (["--top-k", "x"], "argument --top-k: expected an integer"),
+    (["--repetition-penalty", "0"], "argument --repetition-penalty: must be > 0"),
+    (["--quant", "3"], "argument --quant: invalid choice"),
+    (["--group-size", "64"], "--group-size applies to --quant 4 only"),
+    (["--dtype", "float64"], "argument --dtype: invalid choice"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+], ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_error_bad_option_values(args, needle):
+    r = run("--model", str(TINY), *args, "--prompt", "hi")
+    line = one_line_error(r, 1 if args[0] == "--device" else 2)  # --device is checked at load
+    assert needle in line
+
+
+def test_error_out_of_memory_while_loading(monkeypatch, capsys):
+    import torch
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 MiB")
+
+    monkeypatch.setattr(glm.engine, "load", oom)
+    assert cli.main(["--model", str(TINY), "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of memory loading the model" in err[0] and "--quant 4" in err[0]
+
+
+def test_out_of_memory_while_generating_keeps_the_session(chatglm_tiny, monkeypatch):
+    import torch
+
+    def oom(*a, **k):
+        yield "partial"
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    out, err = io.StringIO(), io.StringIO()
+    chat = cli.Chat(chatglm_tiny, cli.Sampling(greedy=True), out=out, err=err)
+    with monkeypatch.context() as mp:
+        mp.setattr(cli, "stream_reply", oom)
+        assert chat.answer("你好") is False
+    assert "out of memory while generating" in err.getvalue() and "--quant 4" in err.getvalue()
+    assert chat.history == []
+    assert chat.answer("你好") is True  # the session goes on
+    assert chat.history == [("你好", FIRST["response"])]
+
+
+# ---------------------------------------------------------------------------------------------------- history
+
+
+def test_long_conversation_stays_within_max_length_and_drops_whole_rounds(chatglm_tiny):
+    """A conversation four times longer than --max-length: every turn fits, and only whole rounds go."""
+    tok, L = chatglm_tiny.tokenizer, 160
+    queries = [t["query"] for t in TURNS[:4]] * 2
+    reserve = cli.reply_reserve(L)
+    assert reserve == 20  # documented: max_length // 8, at most 256
+
+    # What the CLI must do, computed here from the engine's own pieces.
+    history, replies, drops = [], [], 0
+    for q in queries:
+        kept = fit_history(tok, q, history, L, reserve=reserve)
+        assert kept == history[len(history) - len(kept):]  # a suffix: whole oldest rounds dropped
+        drops += len(history) - len(kept)
+        prompt = tok.encode(build_prompt(q, kept))
+        assert len(prompt) + reserve <= L
+        assert len(prompt) + len(chatglm_tiny.generate(prompt, max_length=L)) <= L
+        reply, history = chatglm_tiny.chat(q, kept, max_length=L, do_sample=False)
+        replies.append(reply)
+    assert drops >= 4
+
+    r = run("--model", str(TINY), "--greedy", "--max-length", str(L),
+            input="".join(q.replace("\n", "\\\n") + "\n" for q in queries))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "".join(reply + "\n" for reply in replies)
+    notes = re.findall(r"dropped the (\d+) oldest rounds? of the history to fit --max-length 160", r.stderr)
+    assert sum(map(int, notes)) == drops
+
+
+def test_golden_turns_are_untouched_by_the_reserve(chatglm_tiny):
+    for t in TURNS:
+        history = [tuple(h) for h in t["history"]]
+        assert cli.fit_turn(chatglm_tiny.tokenizer, t["query"], history, t["max_length"]) == (history, 0)
+
+
+def test_stream_reply_is_stream_chat_then_chat(chatglm_tiny):
+    """Intermediate values are the official stream's; the last one is exactly chat's reply."""
+    for t in TURNS[:4]:
+        history = [tuple(h) for h in t["history"]]
+        s = cli.Sampling(max_length=t["max_length"], greedy=True)
+        values = list(cli.stream_reply(chatglm_tiny, t["query"], history, s))
+        assert values[:-1] == t["stream"] and values[-1] == t["response"]
+
+
+def test_query_too_long_is_a_message(chatglm_tiny):
+    out, err = io.StringIO(), io.StringIO()
+    chat = cli.Chat(chatglm_tiny, cli.Sampling(greedy=True, max_length=16), out=out, err=err, prog="glm-chat")
+    assert chat.answer("你好" * 40) is False
+    assert err.getvalue().startswith("glm-chat: error: the message is") and "max_length=16" in err.getvalue()
+    assert out.getvalue() == ""
+
+
+# ---------------------------------------------------------------------------------------------------- packaging
+
+
+def test_console_scripts_are_declared():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["glm-chat"] == "glm.cli:main"
+    assert scripts["glm-web"] == "glm.web:main"
+
+
+def test_help_is_fast_and_lists_the_options():
+    code = ("import sys; from glm import cli; p = cli.build_parser(); h = p.format_help(); "
+            "assert 'torch' not in sys.modules and 'gradio' not in sys.modules; print(h)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env())
+    assert r.returncode == 0, r.stderr
+    for opt in ("--model", "--revision", "--quant", "--group-size", "--device", "--dtype", "--max-length",
+                "--top-p", "--temperature", "--top-k", "--repetition-penalty", "--greedy", "--seed", "--prompt"):
+        assert opt in r.stdout
+    assert "--delay-ms" not in r.stdout  # a test hook, not an option for users
+    from glm.loader import DEFAULT_MODEL
+
+    assert cli.DEFAULT_MODEL == DEFAULT_MODEL
+
+
+def test_summary_line():
+    r = run("--model", str(TINY), "--greedy", "--prompt", "你好")
+    assert re.fullmatch(r"glm: chatglm-tiny on cpu, float32, no quant, 16\.7 MB weights, loaded in \d+\.\d s\n",
+                        r.stderr), r.stderr
+
+
+def _quant_available() -> bool:
+    try:
+        from glm.quant import QuantLinear  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _quant_available(), reason="glm.quant.QuantLinear is not available yet")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_chat(bits):
+    r = run("--model", str(TINY), "--greedy", "--max-length", "44", "--quant", str(bits), "--prompt", "你好")
+    assert r.returncode == 0, r.stderr
+    assert f"float32, int{bits}, " in r.stderr
+    assert r.stdout.strip()  # a reply (quantized weights give other tokens than the golden float32 ones)
+
+
+@pytest.mark.skipif(not _quant_available(), reason="glm.quant.QuantLinear is not available yet")
+def test_group_size_that_does_not_fit_the_model_is_a_message():
+    # chatglm-tiny's layers are 16 wide: a group of 32 cannot work, and says so in one line.
+    r = run("--model", str(TINY), "--quant", "4", "--group-size", "32", "--prompt", "你好")
+    line = one_line_error(r, 1)
+    assert "group" in line and "32" in line

@@ -1,0 +1,195 @@
+"""glm-web as a real server on 127.0.0.1, driven by gradio_client: golden replies, separate sessions, Stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from glm import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tests" / "fixtures" / "chatglm-tiny"
+TURNS = json.loads((TINY / "golden.json").read_text())["chat"]
+FIRST = TURNS[0]
+
+gradio_client = pytest.importorskip("gradio_client")
+pytest.importorskip("gradio")
+
+
+class WebServer:
+    """`python -m glm.web` in its own process group on a free port of 127.0.0.1; `stop` always kills it."""
+
+    def __init__(self, *args: str, log: Path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log = log
+        env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        with open(log, "wb") as f:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "glm.web", "--model", str(TINY), "--port", str(self.port), *args],
+                cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+
+    def wait(self, timeout: float = 90) -> WebServer:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"glm-web exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"glm-web did not answer on {self.url} in {timeout} s:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    # --delay-ms (a hidden test hook) paces tokens to 25 ms, so that a reply lasts about a second and can be stopped.
+    srv = WebServer("--greedy", "--delay-ms", "25", log=tmp_path_factory.mktemp("web") / "server.log")
+    try:
+        yield srv.wait()
+    finally:
+        srv.stop()
+
+
+def client(server):
+    return gradio_client.Client(server.url, verbose=False)
+
+
+def text(message) -> str:
+    """The text of a chatbot message, whichever of Gradio's message shapes the client returns."""
+    c = message["content"]
+    if isinstance(c, str):
+        return c
+    return "".join(part["text"] for part in c if part.get("type") == "text")
+
+
+def chat(c, query: str, max_length: int) -> list[dict]:
+    return c.predict(query, max_length, 0.7, 0.95, api_name="/chat")
+
+
+def test_golden_replies_turn_by_turn(server):
+    c = client(server)
+    for i, turn in enumerate(TURNS[:4]):  # the history is the page's own, per session, carried turn to turn
+        messages = chat(c, turn["query"], turn["max_length"])
+        assert [m["role"] for m in messages] == ["user", "assistant"] * (i + 1)
+        assert text(messages[-2]) == turn["query"]
+        assert text(messages[-1]) == turn["response"]
+    # Clear, then the last golden turn (no history, cut at max_length 12).
+    c.predict(api_name="/clear")
+    messages = chat(c, TURNS[4]["query"], TURNS[4]["max_length"])
+    assert [text(m) for m in messages] == [TURNS[4]["query"], TURNS[4]["response"]]
+
+
+def test_concurrent_sessions_keep_their_own_histories(server, chatglm_tiny):
+    # Session A follows the golden turns; session B has another conversation, whose replies the engine gives here.
+    a_turns = [(t["query"], t["max_length"], t["response"]) for t in TURNS[:2]]
+    b_turns, history = [], []
+    for q, L in (("Tell me more, please.", 168), ("晚上睡不着应该怎么办", 226), ("你好", 300)):
+        reply, history = chatglm_tiny.chat(q, history, max_length=L, do_sample=False)
+        b_turns.append((q, L, reply))
+    assert b_turns[1][2] != TURNS[1]["response"]  # the same query gets another reply in B's conversation
+
+    def converse(turns):
+        c = client(server)
+        for q, L, _ in turns:
+            messages = chat(c, q, L)
+        return [text(m) for m in messages]
+
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(converse, [a_turns, b_turns])
+    assert a == [x for q, _, r in a_turns for x in (q, r)]
+    assert b == [x for q, _, r in b_turns for x in (q, r)]
+
+
+def test_cancel_stops_the_reply_and_keeps_the_session(server):
+    c = client(server)
+    job = c.submit(FIRST["query"], 2048, 0.7, 0.95, api_name="/chat")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # wait until the reply has started to stream
+        outs = job.outputs()
+        if outs and len(outs[-1]) == 2 and text(outs[-1][1]):
+            break
+        time.sleep(0.02)
+    job.cancel()
+    # The session goes on; the stopped reply stays in its history as it was, cut short.
+    messages = chat(c, "再见", 60)
+    cut = text(messages[1])
+    assert text(messages[0]) == FIRST["query"]
+    assert cut and FIRST["response"].startswith(cut) and len(cut) < len(FIRST["response"])
+    assert text(messages[2]) == "再见" and len(messages) == 4
+
+
+def test_query_too_long_is_an_error_not_a_crash(server):
+    c = client(server)
+    with pytest.raises(Exception, match="too long for max_length=16"):
+        chat(c, "很长的问题" * 20, 16)
+    assert text(chat(c, FIRST["query"], 44)[-1]) == FIRST["response"]  # and the server goes on
+
+
+def test_page_renders_markdown_and_keeps_html_sanitized(server):
+    with urllib.request.urlopen(server.url + "config", timeout=10) as r:
+        config = json.load(r)
+    (bot,) = [c for c in config["components"] if c.get("type") == "chatbot"]
+    assert bot["props"]["render_markdown"] is True
+    assert bot["props"]["sanitize_html"] is True
+
+
+def test_server_log(server):
+    log = server.log.read_text()
+    assert "glm: chatglm-tiny on cpu, float32, no quant" in log
+    assert f"glm-web: serving on http://127.0.0.1:{server.port}/" in log
+
+
+def test_defaults_are_local_and_private():
+    from glm import web
+
+    args = web.build_parser().parse_args([])
+    assert (args.host, args.share, args.model) == ("127.0.0.1", False, cli.DEFAULT_MODEL)
+    code = "import sys, glm, glm.web; assert 'gradio' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_web_error_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "glm.web", "--model", str(tmp_path / "missing")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [f"glm-web: error: no such folder '{tmp_path / 'missing'}', and it is "
+                                             "not a Hub repo id like 'THUDM/chatglm-6b'"]
+
+
+def test_backend_drops_old_rounds_but_the_page_keeps_them(chatglm_tiny):
+    from glm.web import ChatBackend
+
+    backend = ChatBackend(chatglm_tiny, cli.Sampling(greedy=True))
+    notes, history, transcript = [], [], []
+    for t in TURNS[:4]:
+        for history, transcript in backend.respond(t["query"], history, transcript, 120, 0.7, 0.95,
+                                                   notify=notes.append):
+            pass
+    assert len(transcript) == 4 and [q for q, _ in transcript] == [t["query"] for t in TURNS[:4]]
+    assert len(history) < 4 and history == transcript[len(transcript) - len(history):]
+    assert notes and "max length 120: the model does not see" in notes[0]
