@@ -9,14 +9,30 @@ activation dtype, which holds every stored value exactly, so its products are ex
 afterwards, in float32.
 """
 
+import inspect
+
 import triton
 import triton.language as tl
+import triton.testing
 
 from glm.kernels._launch import interpreting
 
 # The CPU interpreter multiplies bfloat16 tiles as their raw uint16 bits (triton 3.9), so there bfloat16 dots run in
 # float32 instead: the same exact products and float32 sums. Compiled kernels keep 16-bit tensor-core dots.
 _DOT_BF16_IN_F32 = tl.constexpr(interpreting())
+
+
+def _quick_bench(kernel_call, quantiles):
+    # These kernels run for microseconds: Triton's default 25 ms warmup + 100 ms of repeats per config would make
+    # every first call of a new shape take seconds.
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+# Autotuning options shared by the kernels: the quick benchmark, and results kept in Triton's on-disk cache (so a
+# new process does not tune again) where this triton has that option.
+AUTOTUNE_OPTIONS = {"do_bench": _quick_bench}
+if "cache_results" in inspect.signature(triton.autotune).parameters:
+    AUTOTUNE_OPTIONS["cache_results"] = True
 
 
 @triton.jit

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from glm.kernels._launch import device_guard, interpreting, prepare_kernel_args
-from glm.kernels._triton_common import dot_loop, store_output
+from glm.kernels._triton_common import AUTOTUNE_OPTIONS, dot_loop, store_output
 from glm.kernels.reference import wq_gemm_reference
 
 __all__ = ["get_gemm_autotune_configs", "wq_gemm", "wq_gemm_reference"]
@@ -44,15 +44,13 @@ def get_gemm_autotune_configs() -> list[triton.Config]:
             num_warps=num_warps,
         )
         # Checked by compiling for sm_90: INT8 fits every tile; INT4 (whose grouped variant holds two accumulator
-        # tiles) spills on the two largest, which the autotuner then passes over.
+        # tiles) spills on the largest ones, which the autotuner then passes over.
         for block_m, block_n, block_k, num_stages, num_warps in (
             (128, 256, 64, 3, 8),
             (128, 128, 64, 3, 8),
-            (64, 256, 64, 3, 8),
             (64, 128, 64, 4, 4),
             (128, 64, 64, 4, 8),
             (64, 64, 128, 4, 4),
-            (32, 64, 128, 4, 4),
         )
     ]
 
@@ -62,7 +60,9 @@ def _gemm_tile_k(args: dict) -> int:
     return min(args["BLOCK_K"], args["GROUP_SIZE"]) if args["GROUP_SIZE"] else args["BLOCK_K"]
 
 
-@triton.autotune(configs=get_gemm_autotune_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE"])
+@triton.autotune(
+    configs=get_gemm_autotune_configs(), key=["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE"], **AUTOTUNE_OPTIONS
+)
 @triton.heuristics({"TILE_K": _gemm_tile_k})
 @triton.jit
 def _wq_gemm_kernel(

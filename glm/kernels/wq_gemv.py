@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from glm.kernels._launch import device_guard, interpreting, prepare_kernel_args
-from glm.kernels._triton_common import dot_loop, int4_as_f32, int8_as_f32, store_output
+from glm.kernels._triton_common import AUTOTUNE_OPTIONS, dot_loop, int4_as_f32, int8_as_f32, store_output
 from glm.kernels.reference import wq_gemv_reference
 
 __all__ = ["get_gemv_autotune_configs", "wq_gemv", "wq_gemv_reference"]
@@ -62,13 +62,7 @@ def get_gemv_autotune_configs() -> list[triton.Config]:
     # float32 accumulators that leave room for several programs per SM. 64 bytes per thread needs ~245 registers.
     return [
         triton.Config({"BLOCK_N": block_n, "BLOCK_KB": block_kb}, num_warps=num_warps)
-        for block_n, block_kb, num_warps in (
-            (32, 64, 4),
-            (32, 128, 4),
-            (64, 64, 4),
-            (64, 128, 8),
-            (128, 64, 8),
-        )
+        for block_n, block_kb, num_warps in ((32, 64, 4), (32, 128, 4), (64, 64, 4), (128, 64, 8))
     ]
 
 
@@ -134,6 +128,7 @@ def _fma_loop(
 @triton.autotune(
     configs=get_gemv_autotune_configs(),
     key=["N", "K", "SPLIT_K", "BITS", "GROUP_SIZE", "BLOCK_M"],
+    **AUTOTUNE_OPTIONS,
 )
 @triton.heuristics({"TILE_K": _gemv_tile_k})
 @triton.jit
@@ -144,7 +139,7 @@ def _wq_gemv_kernel(
     scale_ptr,  # [N] or [N, K // GROUP_SIZE], any float dtype
     bias_ptr,  # [N] (unused unless HAS_BIAS)
     y_ptr,  # [M, N], x's dtype
-    partial_ptr,  # [SPLIT_K, M, N] float32 workspace (unused unless SPLIT_K > 1)
+    partial_ptr,  # [SPLIT_K, M, N] float32 workspace (unused when SPLIT_K == 1)
     ticket_ptr,  # int32, one counter per (m block, n block), zero between launches
     # Sizes
     M,
@@ -157,8 +152,8 @@ def _wq_gemv_kernel(
     stride_wn,
     stride_sn,
     stride_ym,
+    SPLIT_K,  # slices of K; a plain int, so that each shape's count does not compile a kernel of its own
     # Meta-parameters
-    SPLIT_K: tl.constexpr,
     K_UNIT: tl.constexpr,  # the longest K tile of all configs, so that slices hold whole tiles
     BITS: tl.constexpr,  # 4 or 8
     GROUP_SIZE: tl.constexpr,  # 0 for per-channel scales
@@ -290,11 +285,9 @@ def _wq_gemv(x, qweight, scale, bias, bits, group_size, split_k: int | None) -> 
         tiles = m_blocks * triton.cdiv(N, max(c.kwargs["BLOCK_N"] for c in configs))
         split_k = _plan_split_k(tiles, K, unit, _num_sms(x.device))
     split_k, units_per_slice = _split_bounds(K, unit, split_k)
-    if split_k > 1:
-        partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
-        tickets = _ticket_counters(x.device, m_blocks * triton.cdiv(N, min(c.kwargs["BLOCK_N"] for c in configs)))
-    else:
-        partials = tickets = y  # never touched: the SPLIT_K == 1 branch is compiled out
+    # Allocated (without a kernel) even when SPLIT_K == 1, so that both cases share one kernel signature.
+    partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+    tickets = _ticket_counters(x.device, m_blocks * triton.cdiv(N, min(c.kwargs["BLOCK_N"] for c in configs)))
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), split_k, m_blocks)
@@ -304,7 +297,7 @@ def _wq_gemv(x, qweight, scale, bias, bits, group_size, split_k: int | None) -> 
             x, qweight, scale, y if bias is None else bias, y, partials, tickets,
             M, N, K, qweight.shape[1], units_per_slice,
             x.stride(0), qweight.stride(0), scale.stride(0), y.stride(0),
-            SPLIT_K=split_k, K_UNIT=unit, BITS=bits, GROUP_SIZE=group_size or 0, HAS_BIAS=bias is not None,
+            split_k, K_UNIT=unit, BITS=bits, GROUP_SIZE=group_size or 0, HAS_BIAS=bias is not None,
             BLOCK_M=block_m,
         )  # fmt: skip
     return y

@@ -58,18 +58,16 @@ def make_case(
 ) -> Case:
     """A random layer with the full range of stored values; x is ``(*lead, M, K)``."""
     limit = 8 if bits == 4 else 128
-    q = torch.randint(-limit, limit, (N, K), dtype=torch.int8)
+    q = torch.randint(-limit, limit, (N, K), dtype=torch.int8, device=device)
     scale_shape = (N,) if group_size is None else (N, K // group_size)
     # Scales like a real layer's, so that outputs are O(1) whatever K is.
-    scale = (0.5 + torch.rand(scale_shape)) / (0.6 * limit * K**0.5)
-    x = torch.randn(*lead, M, K)
-    b = torch.randn(N) if bias else None
+    scale = (0.5 + torch.rand(scale_shape, device=device)) / (0.6 * limit * K**0.5)
     return Case(
-        x=x.to(device=device, dtype=dtype),
-        q=q.to(device),
-        qweight=(pack_int4(q) if bits == 4 else q).to(device),
-        scale=scale.to(device=device, dtype=scale_dtype),
-        bias=None if b is None else b.to(device=device, dtype=dtype),
+        x=torch.randn(*lead, M, K, device=device).to(dtype),
+        q=q,
+        qweight=pack_int4(q) if bits == 4 else q,
+        scale=scale.to(scale_dtype),
+        bias=torch.randn(N, device=device).to(dtype) if bias else None,
         bits=bits,
         group_size=group_size,
     )
