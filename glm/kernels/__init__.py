@@ -75,6 +75,14 @@ def wq_linear(
     Returns:
         ``[..., N]`` in x's dtype.
     """
+    if torch.compiler.is_compiling():
+        # Under torch.compile (CUDA graphs) the launch goes through an opaque custom op: dynamo does not trace the
+        # wrapper's Python (autotuning, split-K counters), inductor calls it as an extern kernel.
+        return _wq_linear_op(x, qweight, scale, bias, bits, group_size)
+    return _wq_linear_eager(x, qweight, scale, bias, bits, group_size)
+
+
+def _wq_linear_eager(x, qweight, scale, bias, bits, group_size):
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     kernel_args_ok = x.dtype in (torch.float16, torch.bfloat16) and kernel_group_ok(group_size)
     if not (kernel_args_ok and (x.is_cuda or interpreting()) and triton_available()):
@@ -88,3 +96,16 @@ def wq_linear(
 
         y = wq_gemm(x2, qweight, scale, bias, bits, group_size)
     return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+# The op torch.compile sees. Registering it is the one thing importing glm.kernels does (a name in torch's op
+# registry; no triton, no CUDA): it must exist before dynamo traces a call, and glm.kernels is only imported lazily.
+@torch.library.custom_op("glm::wq_linear", mutates_args=())
+def _wq_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int,
+                  group_size: int | None) -> torch.Tensor:
+    return _wq_linear_eager(x, qweight, scale, bias, bits, group_size)
+
+
+@_wq_linear_op.register_fake
+def _(x, qweight, scale, bias, bits, group_size):
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])

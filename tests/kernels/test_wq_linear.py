@@ -94,3 +94,13 @@ def test_kernel_only_limits(device, fn):
     assert_output_close(wq_linear_reference(*case48.args), case48.oracle())  # the reference takes any divisor
     with pytest.raises(ValueError, match="power of two >= 32"):
         fn(*case48.args)
+
+
+def test_wq_linear_under_torch_compile_is_an_opaque_op():
+    # Decoding with CUDA graphs compiles the model; the kernel launch must pass through torch.compile untouched.
+    from glm.quant.primitives import pack_int4, quantize_per_channel
+
+    q, s = quantize_per_channel(torch.randn(40, 96), 4)
+    qp, x = pack_int4(q), torch.randn(1, 96).half()
+    f = torch.compile(lambda x: wq_linear(x, qp, s, None, 4, None), fullgraph=True)
+    assert torch.equal(f(x), wq_linear(x, qp, s, None, 4, None))
