@@ -48,15 +48,30 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """'auto' (or None): float16 on CUDA, as the release; float32 on CPU."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, n_params: int = 0) -> torch.dtype:
+    """'auto' (or None): float16 on CUDA, as the release. On a CPU float32 for small models (exact), bfloat16 for
+    ChatGLM-6B itself, whose float32 weights (25 GB) do not fit a laptop."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.float16
+        return torch.float32 if n_params < 1_000_000_000 else torch.bfloat16
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use float32, float16, bfloat16 or auto")
     return DTYPES[dtype]
+
+
+def _n_params(folder: Path) -> int:
+    """Parameter count implied by a checkpoint's config.json (0 if it cannot be read)."""
+    from glm.config import GLMConfig
+
+    try:
+        c = GLMConfig.from_json(folder / "config.json")
+    except Exception:  # noqa: BLE001 - build_model reports a bad config properly
+        return 0
+    h, f = c.hidden_size, c.inner_hidden_size
+    return c.num_layers * (4 * h * h + 2 * h * f) + c.vocab_size * h * (1 if c.tie_word_embeddings else 2)
 
 
 class ChatGLM:
@@ -176,7 +191,8 @@ def load(
         model: repo id (e.g. "THUDM/chatglm-6b", "THUDM/chatglm-6b-int4") or a checkpoint folder.
         revision: Hub revision (branch, tag or commit).
         device: "cpu", "cuda", "cuda:N" or "auto".
-        dtype: "float32", "float16", "bfloat16" or "auto" (float16 on CUDA, float32 on CPU).
+        dtype: "float32", "float16", "bfloat16" or "auto" (float16 on CUDA; on a CPU float32, or bfloat16 for
+            models over 1B parameters).
         quant: 8 or 4 to quantize the block linears while loading (weight-only); None keeps the stored weights.
         group_size: None for per-output-channel scales (the official scheme), or 32/64/128 (int4 only).
         quantize_lm_head: quantize lm_head too (1 GB in fp16).
@@ -192,9 +208,10 @@ def load(
         if quant != 4:
             raise ValueError("group_size applies to quant=4 only")
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    resolve_dtype(dtype, dev)  # reject a bad name before any download
     t0 = time.perf_counter()
     folder = resolve(model, revision)
+    dt = resolve_dtype(dtype, dev, _n_params(folder))
     net = build_model(folder, device=dev, dtype=dt, quant=quant or None, group_size=group_size,
                       quantize_lm_head=quantize_lm_head, ptuning=Path(ptuning) if ptuning else None, progress=progress)
     tok_file = folder / "ice_text.model"
