@@ -209,6 +209,9 @@ def load_from_args(args: argparse.Namespace, log=None):
 
     import glm
 
+    # huggingface_hub logs a warning for every retry when the Hub cannot be reached; the one-line error below
+    # says it all. (Read when huggingface_hub is imported; its download progress bars are not logging.)
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     try:
         m = glm.load(args.model, revision=args.revision, device=args.device, dtype=args.dtype, quant=args.quant,
                      group_size=args.group_size, progress=_isatty(log))
@@ -337,13 +340,17 @@ def _on_off(s: str) -> bool:
 class Chat:
     """One conversation on a loaded model: reads queries, streams replies, keeps the history within bounds."""
 
-    def __init__(self, m, sampling: Sampling, *, out=None, err=None, prog: str = "glm-chat", delay_ms: int = 0):
+    def __init__(self, m, sampling: Sampling, *, out=None, err=None, prog: str = "glm-chat", delay_ms: int = 0,
+                 stream: bool | None = None):
         self.m = m
         self.s = sampling
         self.out = out if out is not None else sys.stdout
         self.err = err if err is not None else sys.stderr
         self.prog = prog
         self.delay = delay_ms / 1000
+        # Token by token for a person watching a terminal; into a pipe or file, each reply is written once, whole,
+        # so that a script reads exactly the reply (the streamed text can differ in a rare corner, see ReplyPrinter).
+        self.stream = _isatty(self.out) if stream is None else stream
         self.history: History = []
 
     def _write(self, f, text: str) -> None:
@@ -422,13 +429,14 @@ class Chat:
         stream = stream_reply(self.m, query, history, self.s)
         try:
             for reply in stream:
-                self._write(self.out, printer.update(reply))
+                if self.stream:
+                    self._write(self.out, printer.update(reply))
                 if self.delay:
                     time.sleep(self.delay)
         except KeyboardInterrupt:
             stream.close()
             if not interactive:
-                self._write(self.out, "\n")
+                self._end_line(prefix, printer)
                 raise
             self._write(self.out, printer.finish(reply) + " [stopped]\n")
             if reply:
@@ -439,13 +447,18 @@ class Chat:
                 raise
             stream.close()
             _free_cuda_cache()
-            self._write(self.out, "\n")
+            self._end_line(prefix, printer)
             self.error("out of memory while generating: try a smaller --max-length (or /set max-length), "
                        "or load with --quant 4")
             return False
         self._write(self.out, printer.finish(reply) + "\n")
         self.history = history + [(query, reply)]
         return True
+
+    def _end_line(self, prefix: str, printer) -> None:
+        """End a reply line cut short, if anything of it was written."""
+        if prefix or printer.printed:
+            self._write(self.out, "\n")
 
     # -- the three modes
 

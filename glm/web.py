@@ -9,6 +9,7 @@ Gradio is imported only here (and only when the app is built), so `import glm` n
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import threading
@@ -37,14 +38,23 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 History = list[tuple[str, str]]
 
 
+def _port(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if not 1 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number (1-65535), got {s!r}")
+    return v
+
+
 def build_parser(prog: str = "glm-web") -> ArgumentParser:
     p = ArgumentParser(prog=prog, description="A web page to chat with ChatGLM-6B (Gradio).",
                        epilog=f"example: {prog} --quant 4 --port 7860   (then open http://127.0.0.1:7860)")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for the network)")
-    g.add_argument("--port", type=int, default=None,
-                   help="port (default: 7860, or the next free one)")
+    g.add_argument("--port", type=_port, default=None, help="port (default: 7860, or the next free one)")
     g.add_argument("--share", action="store_true", help="also open a public *.gradio.live link (off by default)")
     add_model_args(p)
     add_sampling_args(p)
@@ -200,7 +210,8 @@ def main(argv: list[str] | None = None, prog: str = "glm-web") -> int:
             server_name=args.host, server_port=args.port, share=args.share, inbrowser=False, show_error=True,
             ssr_mode=False, mcp_server=False, footer_links=["api"], quiet=True, prevent_thread_lock=True)
     except OSError as e:  # port in use, address not available
-        print(f"{prog}: error: cannot serve on {args.host}:{args.port or 7860}: {e}", file=sys.stderr)
+        why = "the port is taken: choose another with --port" if "empty port" in str(e) else str(e)
+        print(f"{prog}: error: cannot serve on {args.host}:{args.port or '7860-7959'}: {why}", file=sys.stderr)
         return 1
     print(f"{prog}: serving on {local_url}" + (f" and {share_url}" if share_url else "") + " (Ctrl+C stops)",
           file=sys.stderr, flush=True)

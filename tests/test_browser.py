@@ -54,6 +54,7 @@ def test_chat_in_headless_chromium(server, chatglm_tiny, tmp_path):
             viewport={"width": 1100, "height": 900})
         try:
             page = browser.new_page()
+            page.set_default_timeout(90_000)  # a busy 2-core machine can be slow; a hang still fails
 
             # Nothing may leave the machine: every request elsewhere than the server is recorded (and cannot
             # resolve, by --host-resolver-rules). Not page.route: intercepting requests stalls Gradio's stream.
