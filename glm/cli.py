@@ -112,7 +112,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", metavar="DEVICE",
                    help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
-                   help="auto: float16 on CUDA, float32 on CPU (default: auto)")
+                   help="auto: float16 on CUDA; on CPU bfloat16 for ChatGLM-6B, float32 for small models "
+                        "(default: auto)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
