@@ -107,6 +107,14 @@ def resolve(model: str | os.PathLike = DEFAULT_MODEL, revision: str | None = Non
     except ImportError:  # huggingface_hub < 0.24 keeps them in utils
         from huggingface_hub import utils as errors
     try:
+        # A complete cached copy is used as it is, without touching the network: offline use is the norm.
+        cached = Path(hub.snapshot_download(s, revision=revision, local_files_only=True))
+        if (cached / "config.json").is_file():
+            checkpoint_files(cached)
+            return cached
+    except (errors.LocalEntryNotFoundError, CheckpointError, OSError, ValueError):
+        pass
+    try:
         return Path(hub.snapshot_download(s, revision=revision, allow_patterns=_hub_patterns(s, revision)))
     except errors.LocalEntryNotFoundError:
         raise CheckpointError(

@@ -181,3 +181,14 @@ def test_offline_without_cached_copy_is_a_clear_error(tmp_path):
     r = _run_offline(cache, "import glm; glm.load('THUDM/not-cached')")
     assert r.returncode != 0
     assert "not in the local Hugging Face cache" in r.stderr
+
+
+def test_cached_copy_is_used_without_asking_the_hub(tmp_path):
+    cache = _hf_cache(tmp_path)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT),
+           "HF_ENDPOINT": "http://127.0.0.1:9"}  # any request to the Hub would fail
+    env.pop("HF_HUB_OFFLINE", None)
+    r = subprocess.run([sys.executable, "-c", "import glm; print(glm.load('THUDM/chatglm-tiny').path.name)"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "0123456789abcdef0123456789abcdef01234567"
