@@ -5,14 +5,17 @@ State dict (exactly what the official int8/int4 checkpoints hold, so they load b
     weight_scale  `[out]` or `[out, in // group_size]`, in the dtype it was stored in (never rounded down)
     bias          `[out]`
 
-Forward dispatch (the weight never leaves its packed form for long):
-    CUDA with triton      -> `glm.kernels.wq_linear`, the fused dequantize-matmul kernel (imported lazily).
-    CPU, bf16/fp16, few rows -> PyTorch's weight-only CPU kernels, which on x86 are only fast in bf16:
-                             `aten._weight_int8pack_mm` (int8 per-channel) and `aten._weight_int4pack_mm_for_cpu`
-                             (int4, on a copy repacked once by `_convert_weight_to_int4pack_for_cpu`).
-    anything else         -> dequantize a few hundred rows at a time in fp32 and matmul them ("dequant"): exact
-                             (`F.linear(x, q * scale, b)` up to summation order) in fp32, and faster than the
-                             kernels for many rows, whose cost grows linearly with the row count.
+Forward dispatch (`last_path` names the one taken):
+    "triton"           CUDA with triton: `glm.kernels.wq_linear`, the fused dequantize-matmul (imported lazily).
+    "int8_cpu_kernel"  CPU, bf16/fp16 input, few rows, int8 per-channel: `aten._weight_int8pack_mm` on the
+                       official tensor itself.
+    "int4_cpu_kernel"  CPU, bf16/fp16 input, few rows, int4: `aten._weight_int4pack_mm_for_cpu` on a copy repacked
+                       once by `_convert_weight_to_int4pack_for_cpu`, which then replaces the official tensor.
+    "dequant"          everything else: dequantize ~2 MiB of rows at a time in fp32 and matmul them. In fp32 this
+                       is `F.linear(x, q * scale, b)` up to summation order (the golden tests need 1e-4), and it
+                       beats the fp32 kernels (~20 ms against ~22 ms for int8, and int4 has no fp32 speed at all).
+On x86 the CPU kernels are fast only in bf16 (fp16 is 30-50x slower), so half inputs compute in bf16 on CPU: fp16
+models get bf16 rounding in these layers, still far below the weight quantization noise.
 """
 
 from __future__ import annotations
@@ -47,16 +50,26 @@ def _aten(name: str) -> Callable | None:
         return None
 
 
-@functools.cache
+_UNRESOLVED = object()
+_cuda_kernel_fn: Callable | None | object = _UNRESOLVED
+
+
 def _cuda_kernel() -> Callable | None:
-    """`glm.kernels.wq_linear`, or None where triton or the kernel is missing (then we dequantize)."""
-    if importlib.util.find_spec("triton") is None:
-        return None
-    try:
-        from glm.kernels import wq_linear
-    except (ImportError, AttributeError):
-        return None
-    return wq_linear
+    """`glm.kernels.wq_linear`, or None where triton or the kernel is missing (then we dequantize).
+
+    Resolved once into a module global (a plain global read is what torch.compile traces best).
+    """
+    global _cuda_kernel_fn
+    if _cuda_kernel_fn is _UNRESOLVED:
+        _cuda_kernel_fn = None
+        if importlib.util.find_spec("triton") is not None:
+            try:
+                from glm.kernels import wq_linear
+
+                _cuda_kernel_fn = wq_linear
+            except (ImportError, AttributeError):
+                pass
+    return _cuda_kernel_fn  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------ the CPU int4 kernel's private weight layout
@@ -68,19 +81,27 @@ def _cuda_kernel() -> Callable | None:
 # a last, shorter block always uses pairs.
 
 
-def _untangle_int4_cpu(p: Tensor, kind: str, block_n: int) -> Tensor:
+def _untangle_int4_cpu(p: Tensor, kind: str, block_n: int, out: Tensor | None = None) -> Tensor:
+    """Unsigned nibbles u = q + 8 `[N, K]` of a CPU-kernel weight `p` `[N, K/2]`, written into `out` (any dtype)."""
     n, k = p.shape[0], p.shape[1] * 2
+    out = torch.empty(n, k, dtype=torch.uint8, device=p.device) if out is None else out
     full = n // block_n * block_n
-    parts = []
-    if full:
-        b = p[:full].reshape(full // block_n, k, block_n // 2)
-        lo, hi = b & 0xF, b >> 4
-        rows = torch.cat([lo, hi], -1) if kind == "halves" else torch.stack([lo, hi], -1).flatten(-2)
-        parts.append(rows.transpose(1, 2).reshape(full, k))  # (NB, K, BN) -> (NB * BN, K)
+    segments = [(0, full, block_n, kind)] if full else []
     if n > full:
-        b = p[full:].reshape(k, (n - full) // 2)
-        parts.append(torch.stack([b & 0xF, b >> 4], -1).reshape(k, n - full).t())
-    return torch.cat(parts).contiguous()  # uint8 u = q + 8, [N, K]
+        segments.append((full, n, n - full, "pairs"))
+    for r0, r1, bn, how in segments:
+        nb = (r1 - r0) // bn
+        b = p[r0:r1].view(nb, k, bn // 2)  # each block: K rows of bn/2 bytes
+        lo, hi = (b & 0xF).transpose(1, 2), (b >> 4).transpose(1, 2)  # (NB, bn/2, K)
+        dst = out[r0:r1].view(nb, bn, k)
+        if how == "halves":
+            dst[:, : bn // 2].copy_(lo)
+            dst[:, bn // 2 :].copy_(hi)
+        else:
+            pairs = dst.view(nb, bn // 2, 2, k)
+            pairs[:, :, 0].copy_(lo)
+            pairs[:, :, 1].copy_(hi)
+    return out
 
 
 def _repack_int4_cpu(packed: Tensor) -> Tensor:
@@ -128,10 +149,10 @@ class QuantLinear(nn.Module):
         device: where to allocate (works with "meta" for construct-then-assign loading).
     """
 
-    # Up to this many activation rows the CPU weight-only kernels win; beyond it dequantize + GEMM does, because
-    # the kernels' cost grows linearly with the rows (~0.7 ms per row at 4096 -> 16384 on 2 cores, against
-    # ~25 ms for dequantize + bf16 GEMM of up to ~64 rows).
-    cpu_kernel_max_rows: int = 32
+    # Up to this many activation rows (by bits) the CPU weight-only kernels win; beyond, dequantize + bf16 GEMM
+    # does, because the kernels' cost grows linearly with the rows (about 0.8 ms a row at 4096 -> 16384 on 2 cores)
+    # while dequantizing costs the same for any row count (about 45 ms for int8, 70 ms for int4 at that size).
+    cpu_kernel_max_rows: dict[int, int] = {8: 48, 4: 96}  # a tuning table: assign a new dict to retune
 
     weight: Tensor | None
     weight_scale: Tensor
@@ -251,6 +272,9 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        if self.weight is None and prefix + "weight" in state_dict:  # about to be replaced: no need to rebuild it
+            shape = (self.out_features, self.in_features * self.bits // 8)
+            self.weight = torch.empty(shape, dtype=torch.int8, device=self.weight_scale.device)
         self._restore_official()
         incoming = state_dict.get(prefix + "weight_scale")
         if isinstance(incoming, Tensor) and incoming.dtype != self.weight_scale.dtype:
@@ -279,23 +303,27 @@ class QuantLinear(nn.Module):
             `[..., out_features]` in x's dtype.
         """
         if x.is_cuda and (kernel := _cuda_kernel()) is not None:
-            self.last_path = "triton"
+            self._mark("triton")
             return kernel(x, self.packed_weight(), self.weight_scale, self.bias, self.bits, self.group_size)
         x2 = x.reshape(-1, self.in_features)
         if (
             x.device.type == "cpu"
             and x.dtype in (torch.bfloat16, torch.float16)
-            and x2.shape[0] <= self.cpu_kernel_max_rows
+            and x2.shape[0] <= self.cpu_kernel_max_rows[self.bits]
             and self._cpu_kernel_ok()
         ):
             y = self._forward_cpu_kernel(x2)
         elif x.device.type == "cpu":
             y = self._forward_dequant_chunked(x2)
         else:
-            self.last_path = "dequant"
+            self._mark("dequant")
             w = self.dequantized_weight(x.dtype)
             y = F.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _mark(self, path: str) -> None:
+        if not torch.compiler.is_compiling():  # a Python side effect that a compiled graph need not replay
+            self.last_path = path
 
     def _cpu_kernel_ok(self) -> bool:
         """Whether an aten CPU kernel takes this layer's shape (they misbehave or reject shapes outside these)."""
@@ -341,10 +369,10 @@ class QuantLinear(nn.Module):
         w, scales = self._cpu_weight()
         xb = x2.to(torch.bfloat16).contiguous()  # fp16 too: the x86 kernels are ~30x slower in fp16 than bf16
         if self.bits == 8:
-            self.last_path = "int8_cpu_kernel"
+            self._mark("int8_cpu_kernel")
             y = torch.ops.aten._weight_int8pack_mm(xb, w, scales)
         else:
-            self.last_path = "int4_cpu_kernel"
+            self._mark("int4_cpu_kernel")
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w, self._int4_kernel_group(), scales)
         y = y.float()
         if self.group_size is None:
@@ -354,21 +382,36 @@ class QuantLinear(nn.Module):
         return y.to(x2.dtype)
 
     def _forward_dequant_chunked(self, x2: Tensor) -> Tensor:
-        self.last_path = "dequant"
+        self._mark("dequant")
         # fp32 stays fp32 (exact); half inputs compute in bf16, the dtype the x86 GEMMs are fast in.
-        cdt = torch.float32 if x2.dtype == torch.float32 else torch.bfloat16
+        cdt = torch.bfloat16 if x2.dtype in (torch.float16, torch.bfloat16) else x2.dtype
         xc = x2.to(cdt)
         n, k = self.out_features, self.in_features
         # A multiple of 64 rows, so that slices of the CPU int4 layout hold whole blocks.
         rows = max(64, _DEQUANT_CHUNK_BYTES // (4 * k) // 64 * 64)
         out = torch.empty(x2.shape[0], n, dtype=cdt, device=x2.device)
         for r in range(0, n, rows):
-            if self.weight is not None:
-                q, packed = self.weight[r : r + rows], self.bits == 4
-            else:  # only the CPU kernel's repacked copy is left: unpack its rows
-                u = _untangle_int4_cpu(self._cpu_int4[r : r + rows], *_int4_cpu_layout())
-                q, packed = u.to(torch.int8) - 8, False
-            w = dequantize(q, self.weight_scale[r : r + rows], self.bits, self.group_size, packed=packed, dtype=cdt)
+            w = self._dequant_rows(r, min(r + rows, n))
             b = None if self.bias is None else self.bias[r : r + rows].to(cdt)
-            out[:, r : r + rows] = F.linear(xc, w, b)
+            out[:, r : r + rows] = F.linear(xc, w.to(cdt), b)
         return out.to(x2.dtype)
+
+    def _dequant_rows(self, r0: int, r1: int) -> Tensor:
+        """fp32 `q * scale` of output rows [r0, r1): `dequantize`, with fewer passes over memory."""
+        k = self.in_features
+        w = torch.empty(r1 - r0, k, dtype=torch.float32, device=self.weight_scale.device)
+        if self.weight is None:  # only the CPU kernel's repacked copy is left: unpack its rows
+            _untangle_int4_cpu(self._cpu_int4[r0:r1], *_int4_cpu_layout(), out=w).sub_(8)
+        elif self.bits == 8:
+            w.copy_(self.weight[r0:r1])
+        else:  # write the two nibbles straight into the even and odd columns
+            p = self.weight[r0:r1]
+            pairs = w.view(r1 - r0, k // 2, 2)
+            pairs[..., 0].copy_(p >> 4)  # arithmetic shift: the signed high nibble
+            pairs[..., 1].copy_(((p & 0xF) ^ 8) - 8)  # sign-extend the low nibble
+        s = self.weight_scale[r0:r1].float()
+        if self.group_size is None:
+            return w.mul_(s.unsqueeze(-1))
+        g = self.group_size
+        w.view(r1 - r0, k // g, g).mul_(s.unsqueeze(-1))
+        return w

@@ -13,7 +13,9 @@ def read_checkpoint(name: str) -> dict[str, torch.Tensor]:
     """All tensors of a fixture checkpoint (sharded with an index, or one pytorch_model.bin)."""
     folder = FIXTURES / name
     index = folder / "pytorch_model.bin.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["pytorch_model.bin"]
+    files = ["pytorch_model.bin"]
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         sd.update(torch.load(folder / f, weights_only=True))

@@ -37,7 +37,7 @@ def _truth(m: QuantLinear, x: torch.Tensor):
 
 
 def _expected_path(bits, group_size, dtype, rows, k=256, n=384):
-    if dtype == torch.float32 or rows > QuantLinear.cpu_kernel_max_rows:
+    if dtype == torch.float32 or rows > QuantLinear.cpu_kernel_max_rows[bits]:
         return "dequant"
     if bits == 8:
         return "int8_cpu_kernel" if HAS_INT8_KERNEL and group_size is None and k % 32 == 0 else "dequant"
@@ -47,7 +47,7 @@ def _expected_path(bits, group_size, dtype, rows, k=256, n=384):
 # ---------------------------------------------------------------------------------------------- accuracy
 
 
-@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("rows", [1, 5, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("bits,group_size", CASES)
 def test_forward_matches_dequantize_then_linear(bits, group_size, dtype, rows):
@@ -80,7 +80,9 @@ def test_forward_matches_dequantize_then_linear(bits, group_size, dtype, rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("bits,group_size,k,n", [(8, None, 40, 64), (4, None, 48, 64), (4, 32, 64, 40), (4, None, 64, 8)])
+@pytest.mark.parametrize(
+    "bits,group_size,k,n", [(8, None, 40, 64), (4, None, 48, 64), (4, 32, 64, 40), (4, None, 64, 8)]
+)
 def test_shapes_the_cpu_kernels_refuse_fall_back_to_dequant(bits, group_size, k, n, dtype):
     """The kernels need K % 32 (int8), N % 16 and a group of 32..256 (int4); otherwise dequantize."""
     m = QuantLinear.from_linear(_linear(k, n), bits, group_size)
@@ -91,26 +93,40 @@ def test_shapes_the_cpu_kernels_refuse_fall_back_to_dequant(bits, group_size, k,
     assert ((y - truth).abs() <= (1e-6 if dtype == torch.float32 else 2**-7) * mag).all()
 
 
+def test_float64_inputs_stay_float64():
+    m = QuantLinear.from_linear(_linear(64, 32), 4, 32)
+    x = torch.randn(3, 64, dtype=torch.float64)
+    y = m(x)
+    assert y.dtype == torch.float64 and m.last_path == "dequant"
+    assert (y - F.linear(x, m.dequantized_weight(torch.float64), m.bias.double())).abs().max().item() <= 1e-12
+
+
 @pytest.mark.skipif(not HAS_INT4_KERNEL, reason="no CPU int4 kernel in this torch")
-def test_dequant_path_reads_the_repacked_copy_in_chunks(monkeypatch):
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_dequant_path_reads_the_repacked_copy_in_chunks(monkeypatch, group_size):
     """After the int4 weight is repacked (official tensor dropped), many-row inputs dequantize from the copy."""
     monkeypatch.setattr(qlinear, "_DEQUANT_CHUNK_BYTES", 4 * 256 * 64)  # 64-row chunks: 64 + 64 + 48 rows
-    m = QuantLinear.from_linear(_linear(256, 176), 4, None).prepare()
+    m = QuantLinear.from_linear(_linear(256, 176), 4, group_size).prepare()
     assert m.weight is None
+    m.cpu_kernel_max_rows = {4: 0}
     for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(40, 256).to(dtype)
+        x = torch.randn(3, 256).to(dtype)
         y = m(x).double()
         assert m.last_path == "dequant"
         truth, mag = _truth(m, x)
         assert ((y - truth).abs() <= (1e-6 if dtype == torch.float32 else 2**-7) * mag).all()
 
 
-def test_kernel_is_used_up_to_cpu_kernel_max_rows():
-    m = QuantLinear.from_linear(_linear(256, 384), 8)
-    limit = QuantLinear.cpu_kernel_max_rows
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kernel_is_used_up_to_cpu_kernel_max_rows(bits):
+    m = QuantLinear.from_linear(_linear(256, 384), bits)
+    limit = QuantLinear.cpu_kernel_max_rows[bits]
     m(torch.randn(limit, 256).bfloat16())
-    assert m.last_path == ("int8_cpu_kernel" if HAS_INT8_KERNEL else "dequant")
+    assert m.last_path == _expected_path(bits, None, torch.bfloat16, 1)
     m(torch.randn(limit + 1, 256).bfloat16())
+    assert m.last_path == "dequant"
+    m.cpu_kernel_max_rows = {bits: 0}  # per-module retuning
+    m(torch.randn(1, 256).bfloat16())
     assert m.last_path == "dequant"
 
 

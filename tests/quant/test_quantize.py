@@ -122,7 +122,7 @@ def test_quantized_tiny_model_in_bf16_uses_the_cpu_kernels(bits):
     ours = _last8(case, m.logits(case["input_ids"]))
     paths = {mod.last_path for mod in m.model.modules() if isinstance(mod, QuantLinear)}
     rows = len(case["input_ids"])
-    if rows <= QuantLinear.cpu_kernel_max_rows and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+    if rows <= QuantLinear.cpu_kernel_max_rows[bits] and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
         assert paths == {f"int{bits}_cpu_kernel"}
     # bf16 through 3 blocks: far from fp32's 1e-4, but the same logits to bf16 accuracy
     assert sqnr(tensors[case["logits"]], ours) > 30
