@@ -1,19 +1,8 @@
-import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
-
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def golden(name: str):
-    """(golden.json as dict, golden.safetensors tensors) of a fixture folder."""
-    from safetensors.torch import load_file
-
-    folder = FIXTURES / name
-    return json.loads((folder / "golden.json").read_text()), load_file(str(folder / "golden.safetensors"))
+from glm_testutil import FIXTURES
 
 
 def pytest_collection_modifyitems(config, items):

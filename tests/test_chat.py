@@ -1,5 +1,5 @@
 import pytest
-from conftest import golden
+from glm_testutil import golden
 
 import glm
 from glm.chat import ReplyPrinter, build_prompt, fit_history, process_response

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import golden
+from glm_testutil import golden
 
 from glm.generation import (
     GenerationError,

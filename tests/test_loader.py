@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, golden
+from glm_testutil import FIXTURES, golden
 
 import glm
 from glm.loader import WEIGHT_MAP, checkpoint_to_module, module_to_checkpoint

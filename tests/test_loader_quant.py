@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import FIXTURES, golden
+from glm_testutil import FIXTURES, golden
 
 import glm
 

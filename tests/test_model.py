@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import FIXTURES, golden
+from glm_testutil import FIXTURES, golden
 
 import glm
 from glm.attention import apply_rotary_2d, rotary_cos_sin, rotary_inv_freq

@@ -1,5 +1,5 @@
 import pytest
-from conftest import golden
+from glm_testutil import golden
 
 from glm.tokenizer import StreamDecoder
 
