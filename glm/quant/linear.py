@@ -12,8 +12,9 @@ Forward dispatch (`last_path` names the one taken):
     "int4_cpu_kernel"  CPU, bf16/fp16 input, few rows, int4: `aten._weight_int4pack_mm_for_cpu` on a copy repacked
                        once by `_convert_weight_to_int4pack_for_cpu`, which then replaces the official tensor.
     "dequant"          everything else: dequantize ~2 MiB of rows at a time in fp32 and matmul them. In fp32 this
-                       is `F.linear(x, q * scale, b)` up to summation order (the golden tests need 1e-4), and it
-                       beats the fp32 kernels (~20 ms against ~22 ms for int8, and int4 has no fp32 speed at all).
+                       is `F.linear(x, q * scale, b)` up to summation order (the golden tests need 1e-4), and no
+                       slower than the kernels in fp32 (one row at 4096 -> 16384: int8 ~21 ms against ~24 ms,
+                       int4 ~44 ms against ~54 ms), whose cost grows with every row.
 On x86 the CPU kernels are fast only in bf16 (fp16 is 30-50x slower), so half inputs compute in bf16 on CPU: fp16
 models get bf16 rounding in these layers, still far below the weight quantization noise.
 """

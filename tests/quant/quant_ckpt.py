@@ -1,5 +1,10 @@
-"""Reading the fixture checkpoints (helpers shared by the quantization tests)."""
+"""Reading the fixture checkpoints (helpers shared by the quantization tests).
 
+Plain cached functions rather than conftest fixtures: a second `conftest` module would shadow
+`tests/conftest.py` for the suite's `from conftest import ...`.
+"""
+
+import functools
 import json
 from pathlib import Path
 
@@ -30,3 +35,18 @@ def linear_prefixes(sd: dict[str, torch.Tensor]) -> list[str]:
 def module_state(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The tensors under `prefix.`, with the prefix removed."""
     return {k[len(prefix) + 1 :]: v for k, v in sd.items() if k.startswith(prefix + ".")}
+
+
+@functools.cache
+def fp16_sd() -> dict[str, torch.Tensor]:
+    return read_checkpoint("glm-tiny")
+
+
+@functools.cache
+def int8_sd() -> dict[str, torch.Tensor]:
+    return read_checkpoint("glm-tiny-int8")
+
+
+@functools.cache
+def int4_sd() -> dict[str, torch.Tensor]:
+    return read_checkpoint("glm-tiny-int4")

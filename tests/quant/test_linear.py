@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from ckpt import linear_prefixes, module_state
+from quant_ckpt import fp16_sd, int4_sd, int8_sd, linear_prefixes, module_state
 
 import glm.quant.linear as qlinear
 from glm.quant import QuantLinear, dequantize, quantize_per_channel
@@ -133,12 +133,12 @@ def test_kernel_is_used_up_to_cpu_kernel_max_rows(bits):
 # ---------------------------------------------------------------------------------- layout and loading
 
 
-def test_from_linear_matches_the_official_checkpoints_and_frees_the_float_weight(fp16_sd, int8_sd, int4_sd):
-    for bits, ref in ((8, int8_sd), (4, int4_sd)):
+def test_from_linear_matches_the_official_checkpoints_and_frees_the_float_weight():
+    for bits, ref in ((8, int8_sd()), (4, int4_sd())):
         for p in linear_prefixes(ref):
-            w = fp16_sd[p + ".weight"]
+            w = fp16_sd()[p + ".weight"]
             lin = torch.nn.Linear(w.shape[1], w.shape[0], dtype=torch.float16)
-            lin.weight.data, lin.bias.data = w, fp16_sd[p + ".bias"]
+            lin.weight.data, lin.bias.data = w, fp16_sd()[p + ".bias"]
             m = QuantLinear.from_linear(lin, bits)
             assert lin.weight is None
             sd = m.state_dict()
@@ -148,8 +148,8 @@ def test_from_linear_matches_the_official_checkpoints_and_frees_the_float_weight
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_meta_construction_then_assign_loading_of_the_official_checkpoint(bits, int8_sd, int4_sd):
-    ref = int8_sd if bits == 8 else int4_sd
+def test_meta_construction_then_assign_loading_of_the_official_checkpoint(bits):
+    ref = int8_sd() if bits == 8 else int4_sd()
     for p in linear_prefixes(ref):
         state = module_state(ref, p)
         n, k = state["weight"].shape[0], state["weight"].shape[1] * 8 // bits
@@ -167,9 +167,9 @@ def test_meta_construction_then_assign_loading_of_the_official_checkpoint(bits, 
         assert (m(x) - ref_y).abs().max().item() <= 1e-5
 
 
-def test_copy_loading_keeps_the_stored_scale_dtype(int4_sd):
-    p = linear_prefixes(int4_sd)[0]
-    state = module_state(int4_sd, p)
+def test_copy_loading_keeps_the_stored_scale_dtype():
+    p = linear_prefixes(int4_sd())[0]
+    state = module_state(int4_sd(), p)
     m = QuantLinear(state["weight"].shape[1] * 2, state["weight"].shape[0], 4, dtype=torch.float16)
     m.load_state_dict(state)  # no assign: copying into an fp16 buffer would round the fp32 scales
     assert m.weight_scale.dtype == torch.float32 and torch.equal(m.weight_scale, state["weight_scale"])
@@ -224,10 +224,10 @@ def test_int8_cpu_kernel_uses_the_official_tensor_in_place():
     assert m.weight is w and m._cpu_int4 is None
 
 
-def test_fp16_scales_are_used_as_stored(int8_sd):
+def test_fp16_scales_are_used_as_stored():
     """The released files hold fp16 scales: the result is `q * scale_fp16`, upcast, in every path."""
-    p = linear_prefixes(int8_sd)[0]
-    state = dict(module_state(int8_sd, p))
+    p = linear_prefixes(int8_sd())[0]
+    state = dict(module_state(int8_sd(), p))
     state["weight_scale"] = state["weight_scale"].half()
     n, k = state["weight"].shape
     with torch.device("meta"):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from ckpt import linear_prefixes
+from quant_ckpt import fp16_sd, int4_sd, int8_sd, linear_prefixes
 
 from glm.quant import dequantize, pack_int4, quantize_grouped, quantize_per_channel, sqnr, unpack_int4
 
@@ -34,13 +34,13 @@ def test_pack_rejects_what_it_cannot_hold():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_reproduces_the_official_quantized_checkpoints(bits, fp16_sd, int8_sd, int4_sd):
+def test_reproduces_the_official_quantized_checkpoints(bits):
     """glm-tiny's fp16 weights, cast to fp32, give the reference's int8/int4 tensors byte for byte."""
-    ref = int8_sd if bits == 8 else int4_sd
+    ref = int8_sd() if bits == 8 else int4_sd()
     prefixes = linear_prefixes(ref)
     assert len(prefixes) == 12
     for p in prefixes:
-        q, scale = quantize_per_channel(fp16_sd[p + ".weight"].float(), bits)
+        q, scale = quantize_per_channel(fp16_sd()[p + ".weight"].float(), bits)
         stored = pack_int4(q) if bits == 4 else q
         assert scale.dtype == ref[p + ".weight_scale"].dtype == torch.float32
         assert torch.equal(scale, ref[p + ".weight_scale"]), p

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from ckpt import FIXTURES
+from quant_ckpt import FIXTURES
 from torch import nn
 
 from glm.quant import QuantLinear, is_quantized_linear_name, quantize_, quantized_linear_names, sqnr
