@@ -136,6 +136,12 @@ def _int4_cpu_layout() -> tuple[str, int] | None:
     return None
 
 
+def _known_int4_cpu_layout() -> tuple[str, int]:
+    layout = _int4_cpu_layout()
+    assert layout is not None, "the official int4 tensor is only dropped once the CPU layout is known"
+    return layout
+
+
 class QuantLinear(nn.Module):
     """Weight-only quantized `nn.Linear` holding the official ChatGLM packed weight, its scales and the bias.
 
@@ -235,7 +241,8 @@ class QuantLinear(nn.Module):
         """The weight in the official layout, int8 `[out, in * bits / 8]`, rebuilt if the CPU path dropped it."""
         if self.weight is not None:
             return self.weight
-        u = _untangle_int4_cpu(self._cpu_int4, *_int4_cpu_layout())
+        assert self._cpu_int4 is not None  # the official tensor is only dropped once the CPU copy exists
+        u = _untangle_int4_cpu(self._cpu_int4, *_known_int4_cpu_layout())
         return pack_int4(u.to(torch.int8) - 8)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
@@ -402,7 +409,8 @@ class QuantLinear(nn.Module):
         k = self.in_features
         w = torch.empty(r1 - r0, k, dtype=torch.float32, device=self.weight_scale.device)
         if self.weight is None:  # only the CPU kernel's repacked copy is left: unpack its rows
-            _untangle_int4_cpu(self._cpu_int4[r0:r1], *_int4_cpu_layout(), out=w).sub_(8)
+            assert self._cpu_int4 is not None
+            _untangle_int4_cpu(self._cpu_int4[r0:r1], *_known_int4_cpu_layout(), out=w).sub_(8)
         elif self.bits == 8:
             w.copy_(self.weight[r0:r1])
         else:  # write the two nibbles straight into the even and odd columns
