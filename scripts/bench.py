@@ -32,7 +32,8 @@ from glm.model import GLM  # noqa: E402
 QUANT_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
 
-def build_random(cfg: GLMConfig, device, dtype, quant: int | None, group_size: int | None, seed: int = 0) -> GLM:
+def build_random(cfg: GLMConfig, device, dtype, quant: int | None, group_size: int | None, seed: int = 0,
+                 quant_lm_head: bool = False) -> GLM:
     """A GLM with N(0, 0.02) weights, built block by block so that peak memory stays near the final size.
 
     Every mode built with the same seed has the same underlying float weights (cast or quantized).
@@ -46,8 +47,10 @@ def build_random(cfg: GLMConfig, device, dtype, quant: int | None, group_size: i
         for name, p in module.named_parameters(recurse=False):
             if isinstance(module, torch.nn.LayerNorm):
                 p.data.fill_(1.0 if name == "weight" else 0.0)
-            else:
-                p.data.copy_((torch.randn(p.shape, generator=g, device=device) * 0.02).to(dtype))
+            else:  # in slices of rows, so that the float32 temporary stays small (the head is 130528 rows)
+                for r in range(0, p.shape[0], 4096):
+                    rows = p.data[r : r + 4096]
+                    rows.copy_((torch.randn(rows.shape, generator=g, device=device) * 0.02).to(dtype))
 
     fill(model.word_embeddings, seed)
     fill(model.final_layernorm, seed + 1)
@@ -63,21 +66,33 @@ def build_random(cfg: GLMConfig, device, dtype, quant: int | None, group_size: i
                 parent, _, attr = name.rpartition(".")
                 mod = layer.get_submodule(parent)
                 setattr(mod, attr, QuantLinear.from_linear(getattr(mod, attr), quant, group_size=group_size))
+    if quant and quant_lm_head:
+        from glm.quant import QuantLinear
+
+        model.lm_head = QuantLinear.from_linear(model.lm_head, quant, group_size=group_size)
     model.init_buffers(device)
     return model.eval().requires_grad_(False)
 
 
 def weight_bytes_per_token(model: GLM) -> int:
-    """Bytes a decode step reads from weights: everything but the embedding table (one row of it)."""
-    seen, total = set(), 0
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.data_ptr() in seen or name.startswith("word_embeddings") or name == "inv_freq":
+    """Bytes a decode step reads from weights: every linear and norm, and one row of the embedding table.
+
+    Quantized linears count their packed size (in * out * bits / 8) plus scales and bias, whatever private copy a
+    CPU kernel keeps instead of the official tensor.
+    """
+    from glm.quant import QuantLinear
+
+    total = model.config.hidden_size * model.dtype.itemsize  # the embedding row
+    for name, mod in model.named_modules():
+        if name == "word_embeddings":
             continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    if model.lm_head.weight is model.word_embeddings.weight:
-        total += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-    return total + model.config.hidden_size * model.dtype.itemsize
+        if isinstance(mod, QuantLinear):
+            total += mod.in_features * mod.out_features * mod.bits // 8
+            total += sum(t.numel() * t.element_size() for n, t in mod.named_buffers() if n in ("weight_scale", "bias"))
+            total += sum(t.numel() * t.element_size() for n, t in mod.named_parameters() if n == "bias")
+        else:
+            total += sum(p.numel() * p.element_size() for p in mod.parameters(recurse=False) if p is not None)
+    return total
 
 
 def kv_bytes_per_token(cfg: GLMConfig, dtype: torch.dtype, context: int, batch: int) -> int:
@@ -169,7 +184,7 @@ def timed_generate(model, prompts, new_tokens, decoder) -> tuple[float, float]:
 
 def bench_mode(cfg, device, dtype, quant, group_size, args, bandwidth) -> dict:
     reset_peak(device)
-    model = build_random(cfg, device, dtype, quant, group_size)
+    model = build_random(cfg, device, dtype, quant, group_size, quant_lm_head=args.quant_lm_head)
     prompts = random_prompts(cfg, args.batch, args.prompt)
     dec = Decoder(model, compile=args.compile)
     warm = min(8, args.new)
@@ -188,6 +203,7 @@ def bench_mode(cfg, device, dtype, quant, group_size, args, bandwidth) -> dict:
         "layers": cfg.num_layers,
         "dtype": str(dtype).removeprefix("torch."),
         "quant": f"int{quant}" + (f"-g{group_size}" if group_size else "") if quant else None,
+        "quant_lm_head": bool(quant and args.quant_lm_head),
         "compile": args.compile,
         "batch": args.batch,
         "prompt_len": args.prompt,
@@ -238,6 +254,7 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="decode through torch.compile (CUDA graphs on a GPU)")
+    p.add_argument("--quant-lm-head", action="store_true", help="quantized modes: quantize lm_head too")
     p.add_argument("--no-naive", action="store_true", help="skip the naive eager baseline")
     p.add_argument("--kernels", action="store_true", help="also run the INT8/INT4 kernel micro-benchmarks (CUDA)")
     p.add_argument("--memory-context", type=int, default=0,
@@ -281,7 +298,7 @@ def main(argv=None) -> int:
 def memory_row(cfg, device, dtype, quant, group_size, args) -> dict:
     """Peak memory of one generation whose context reaches `--memory-context` tokens."""
     reset_peak(device)
-    model = build_random(cfg, device, dtype, quant, group_size)
+    model = build_random(cfg, device, dtype, quant, group_size, quant_lm_head=args.quant_lm_head)
     n = args.memory_context
     prompts = random_prompts(cfg, 1, n - 16)
     timed_generate(model, prompts, 16, Decoder(model))
