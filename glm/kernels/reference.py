@@ -16,44 +16,13 @@ from __future__ import annotations
 
 import torch
 
+# One implementation of the official layout and scheme, shared with glm.quant (which imports glm.kernels lazily).
+from glm.quant.primitives import dequantize, unpack_int4
+
+__all__ = ["check_wq_args", "dequantize", "unpack_int4", "wq_gemm_reference", "wq_gemv_reference",
+           "wq_linear_reference"]
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Unpacks the official ChatGLM INT4 layout into one signed value per element.
-
-    Args:
-        packed: ``[N, K // 2]`` int8, two signed nibbles per byte, the even k in the high nibble.
-
-    Returns:
-        ``[N, K]`` int8 with values in [-8, 7].
-    """
-    if packed.dtype != torch.int8:
-        raise TypeError(f"packed INT4 weights must be int8, got {packed.dtype}")
-    high = packed >> 4  # arithmetic shift: sign-extends the even-k nibble
-    low = (packed << 4) >> 4  # move the odd-k nibble to the top, then sign-extend it back down
-    return torch.stack((high, low), dim=-1).flatten(-2)
-
-
-def dequantize(qweight: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
-    """Dequantizes a weight to float32, with the scale upcast (never rounded down).
-
-    Args:
-        qweight: int8, ``[N, K]`` for bits=8 or ``[N, K // 2]`` packed for bits=4.
-        scale: ``[N]`` per output channel, or ``[N, K // group_size]`` when grouped; any float dtype.
-        bits: 4 or 8.
-        group_size: None for per-channel scales, else the number of consecutive k sharing one scale.
-
-    Returns:
-        ``[N, K]`` float32 ``q * scale``.
-    """
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-    q = unpack_int4(qweight) if bits == 4 else qweight
-    scale = scale.float()
-    if group_size is None:
-        return q.float() * scale[:, None]
-    return q.float() * scale.repeat_interleave(group_size, dim=1)
 
 
 def check_wq_args(
