@@ -1,0 +1,28 @@
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str) -> str:
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_import_glm_is_lean():
+    out = _run("import sys, glm; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+               "('torch', 'triton', 'gradio', 'sentencepiece')))")
+    assert out == "[]"  # torch itself loads on first use
+
+
+def test_loading_and_chatting_on_cpu_never_loads_our_kernels_or_gradio_nor_touches_cuda():
+    # (torch itself may import triton when it is installed: meta-device init goes through torch._dynamo.)
+    out = _run(
+        "import sys, glm, torch\n"
+        "m = glm.load('tests/fixtures/chatglm-tiny', quant=4)\n"
+        "m.chat('你好', max_length=12, do_sample=False)\n"
+        "print('glm.kernels' in sys.modules, 'gradio' in sys.modules, torch.cuda.is_initialized())"
+    )
+    assert out == "False False False"
