@@ -239,6 +239,8 @@ def test_error_bad_option_values(args, needle):
 def test_error_out_of_memory_while_loading(monkeypatch, capsys):
     import torch
 
+    import glm.engine
+
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 MiB")
 
