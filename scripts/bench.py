@@ -14,6 +14,7 @@ caches per call) so that speed-ups are ratios measured on the same machine.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -182,9 +183,20 @@ def timed_generate(model, prompts, new_tokens, decoder) -> tuple[float, float]:
     return prefill, per_token
 
 
+def current_memory(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated()
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def bench_mode(cfg, device, dtype, quant, group_size, args, bandwidth) -> dict:
-    reset_peak(device)
     model = build_random(cfg, device, dtype, quant, group_size, quant_lm_head=args.quant_lm_head)
+    gc.collect()
+    loaded = current_memory(device)
+    reset_peak(device)  # the peak of serving this model, not of building it from random float weights
     prompts = random_prompts(cfg, args.batch, args.prompt)
     dec = Decoder(model, compile=args.compile)
     warm = min(8, args.new)
@@ -213,6 +225,7 @@ def bench_mode(cfg, device, dtype, quant, group_size, args, bandwidth) -> dict:
         "decode_ms_per_step": round(per_tok * 1000, 2),
         "naive_decode_tok_s": round(args.batch / naive_tok, 2) if naive_tok else None,
         "speedup_vs_naive": round(naive_tok / per_tok, 2) if naive_tok else None,
+        "model_mem_gb": round(loaded / 1e9, 3),  # process RSS on a CPU, allocated memory on a GPU
         "peak_mem_gb": round(peak_memory(device) / 1e9, 3),
         "weight_gb": round(wbytes / 1e9, 3),
         "bytes_per_step_gb": round(step_bytes / 1e9, 3),
@@ -222,6 +235,7 @@ def bench_mode(cfg, device, dtype, quant, group_size, args, bandwidth) -> dict:
         "date": time.strftime("%Y-%m-%d"),
     }
     del model, dec
+    gc.collect()
     return row
 
 
@@ -297,8 +311,9 @@ def main(argv=None) -> int:
 
 def memory_row(cfg, device, dtype, quant, group_size, args) -> dict:
     """Peak memory of one generation whose context reaches `--memory-context` tokens."""
-    reset_peak(device)
     model = build_random(cfg, device, dtype, quant, group_size, quant_lm_head=args.quant_lm_head)
+    gc.collect()
+    reset_peak(device)
     n = args.memory_context
     prompts = random_prompts(cfg, 1, n - 16)
     timed_generate(model, prompts, 16, Decoder(model))
@@ -306,6 +321,7 @@ def memory_row(cfg, device, dtype, quant, group_size, args) -> dict:
            "quant": f"int{quant}" + (f"-g{group_size}" if group_size else "") if quant else None,
            "context": n, "peak_mem_gb": round(peak_memory(device) / 1e9, 3), "date": time.strftime("%Y-%m-%d")}
     del model
+    gc.collect()
     return row
 
 

@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Peak host memory of `glm.load(..., quant=...)` on a checkpoint of the real ChatGLM-6B shape.
+
+Writes a random fp16 checkpoint in the release's layout (sharded `pytorch_model-*.bin` + index, or reuses one),
+then loads it in a fresh process per mode and reports that process's peak RSS (VmHWM), its RSS once loaded, the
+load time, and the peak after generating a few tokens. Quantize-while-loading should keep the peak near the
+quantized size plus one block, not the fp16 size.
+
+    python scripts/load_memory.py --layers 28 --dir /tmp/glm-random-6b --modes bf16,int8,int4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from glm.config import GLMConfig  # noqa: E402
+from glm.loader import module_to_checkpoint  # noqa: E402
+from glm.model import GLM  # noqa: E402
+
+# The child samples RssAnon (memory the process owns, not the page cache of the memory-mapped shards, which
+# VmHWM would count although the kernel can drop it at will) every 20 ms.
+CHILD = r"""
+import json, sys, threading, time, torch
+from pathlib import Path
+def status(key):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+peak = [0]
+def sample():
+    while True:
+        peak[0] = max(peak[0], status("RssAnon:"))
+        time.sleep(0.02)
+threading.Thread(target=sample, daemon=True).start()
+torch.set_num_threads(2)
+import glm
+folder, quant, dtype = sys.argv[1], int(sys.argv[2]) or None, sys.argv[3]
+t0 = time.perf_counter()
+m = glm.load(folder, dtype=dtype, quant=quant)
+t1 = time.perf_counter()
+time.sleep(0.05)
+peak_load, anon = peak[0], status("RssAnon:")
+cfg = m.config
+m.generate(list(range(100, 114)) + [cfg.gmask_token_id, cfg.bos_token_id], 4, stop_at_eos=False)
+time.sleep(0.05)
+print(json.dumps({"load_s": round(t1 - t0, 1), "peak_anon_load_gb": round(peak_load / 1e9, 3),
+                  "anon_loaded_gb": round(anon / 1e9, 3), "peak_anon_generate_gb": round(peak[0] / 1e9, 3),
+                  "vm_hwm_gb": round(status("VmHWM:") / 1e9, 3)}))
+"""
+
+
+def write_checkpoint(folder: Path, layers: int, shards: int = 8) -> None:
+    """A random fp16 checkpoint of the release's layout (tied embeddings, as the release)."""
+    cfg = GLMConfig.from_name("chatglm-6b")
+    cfg.num_layers = layers
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        model = GLM(cfg)
+    names = [(n, p.shape) for n, p in model.named_parameters() if n != "lm_head.weight"]
+    per_shard = -(-len(names) // shards)
+    weight_map, g = {}, torch.Generator().manual_seed(0)
+    for s in range(shards):
+        part = names[s * per_shard : (s + 1) * per_shard]
+        if not part:
+            break
+        fname = f"pytorch_model-{s + 1:05d}-of-{shards:05d}.bin"
+        state = {}
+        for name, shape in part:
+            ck = module_to_checkpoint(name)
+            if "layernorm" in name:
+                t = torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
+            else:
+                t = torch.empty(shape, dtype=torch.float16)
+                for r in range(0, shape[0], 4096):
+                    t[r : r + 4096] = torch.randn((min(4096, shape[0] - r), *shape[1:]), generator=g) * 0.02
+            state[ck] = t.half()
+            weight_map[ck] = fname
+        torch.save(state, folder / fname)
+        del state
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    d = cfg.to_dict()
+    d.update(architectures=["ChatGLMModel"], tie_word_embeddings=True, torch_dtype="float16")
+    for k in ("quantization_group_size", "quantize_lm_head", "pre_seq_len", "prefix_projection"):
+        d.pop(k, None)
+    (folder / "config.json").write_text(json.dumps(d, indent=2))
+
+
+MODES = {"bf16": (0, "bfloat16"), "fp16": (0, "float16"), "int8": (8, "bfloat16"), "int4": (4, "bfloat16")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=28)
+    p.add_argument("--dir", default="/tmp/glm-random-6b", help="where the random checkpoint is (or is written)")
+    p.add_argument("--modes", default="int4,int8,bf16")
+    args = p.parse_args(argv)
+    folder = Path(args.dir)
+    if not (folder / "config.json").is_file():
+        t = time.perf_counter()
+        write_checkpoint(folder, args.layers)
+        print(f"wrote {folder} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    size = sum(f.stat().st_size for f in folder.glob("*.bin"))
+    for mode in args.modes.split(","):
+        quant, dtype = MODES[mode]
+        r = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(quant), dtype], capture_output=True,
+                           text=True, cwd=ROOT)
+        if r.returncode:
+            print(r.stderr, file=sys.stderr)
+            return 1
+        row = {"mode": mode, "dtype": dtype, "checkpoint_gb": round(size / 1e9, 2), **json.loads(r.stdout),
+               "date": time.strftime("%Y-%m-%d")}
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
