@@ -71,7 +71,8 @@ class GLMConfig:
         archs = d.get("architectures") or ["ChatGLMModel"]
         if model_type != "chatglm" or not any(a.startswith("ChatGLM") for a in archs):
             raise ConfigError(
-                f"unsupported architecture {archs} (model_type {model_type!r}): this engine runs ChatGLM-6B (GLM v1) only"
+                f"unsupported architecture {archs} (model_type {model_type!r}): "
+                "this engine runs ChatGLM-6B (GLM v1) only"
             )
         # ChatGLM2/3 reuse model_type "chatglm" but are a different architecture (multi-query attention, RMSNorm).
         if "multi_query_attention" in d or "padded_vocab_size" in d or d.get("position_encoding_2d") is False:

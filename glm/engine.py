@@ -12,14 +12,14 @@ import torch
 from glm import chat as _chat
 from glm.generation import (
     Batch,
+    Decoder,
     GenerationError,
     SamplingConfig,
-    Decoder,
     full_mask,
     generate_stream,
     make_generator,
 )
-from glm.loader import DEFAULT_MODEL, CheckpointError, build_model, resolve, save_checkpoint
+from glm.loader import DEFAULT_MODEL, build_model, resolve, save_checkpoint
 from glm.model import GLM
 from glm.tokenizer import Tokenizer
 
@@ -100,7 +100,7 @@ class ChatGLM:
 
     def __repr__(self) -> str:
         q = self.config.quantization_bit
-        return f"ChatGLM({self.path}, device={self.device}, dtype={self.dtype}, quant={'int%d' % q if q else None})"
+        return f"ChatGLM({self.path}, device={self.device}, dtype={self.dtype}, quant={f'int{q}' if q else None})"
 
     def memory_bytes(self) -> int:
         """Bytes held by the weights (parameters and buffers)."""

@@ -123,7 +123,8 @@ def resolve(model: str | os.PathLike = DEFAULT_MODEL, revision: str | None = Non
         ) from None
     except errors.RepositoryNotFoundError:
         raise CheckpointError(
-            f"no folder {s!r} here and no Hub repo of that name (or it is private): check the name, e.g. {DEFAULT_MODEL}"
+            f"no folder {s!r} here and no Hub repo of that name (or it is private): "
+            f"check the name, e.g. {DEFAULT_MODEL}"
         ) from None
     except errors.RevisionNotFoundError:
         raise CheckpointError(f"{s} has no revision {revision!r}") from None

@@ -8,7 +8,6 @@ Shapes: B batch, T new tokens, S key slots, C hidden, H heads, D head dim, V voc
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from glm.attention import KVCache, apply_rotary_2d, prefix_attention, rotary_cos_sin, rotary_inv_freq

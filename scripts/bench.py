@@ -260,7 +260,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--layers", type=int, default=None, help="number of blocks (default 28: the full model)")
     p.add_argument("--modes", default=None,
-                   help=f"comma-separated from {','.join(MODES)} (default: cuda fp16,int8,int4; cpu fp32,bf16,int8,int4)")
+                   help=f"comma-separated from {','.join(MODES)} "
+                        "(default: cuda fp16,int8,int4; cpu fp32,bf16,int8,int4)")
     p.add_argument("--act-dtype", default=None, help="activation dtype of quantized modes (default: fp16 cuda, "
                                                      "bf16 cpu)")
     p.add_argument("--batch", type=int, default=1)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-import glm
 from glm import cli
 from glm.chat import build_prompt, fit_history
 
