@@ -27,36 +27,66 @@ from glm.config import GLMConfig  # noqa: E402
 from glm.loader import module_to_checkpoint  # noqa: E402
 from glm.model import GLM  # noqa: E402
 
-# The child samples RssAnon (memory the process owns, not the page cache of the memory-mapped shards, which
-# VmHWM would count although the kernel can drop it at will) every 20 ms.
+# The parent samples the child's RssAnon (memory the process owns, not the page cache of the memory-mapped shards,
+# which VmHWM would count although the kernel can drop it at will) every 20 ms from outside: a sampling thread
+# inside the child would change how glibc spreads its allocations over arenas, and so the figure itself.
 CHILD = r"""
-import json, sys, threading, time, torch
+import json, sys, time, torch
 from pathlib import Path
 def status(key):
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key):
             return int(line.split()[1]) * 1024
-peak = [0]
-def sample():
-    while True:
-        peak[0] = max(peak[0], status("RssAnon:"))
-        time.sleep(0.02)
-threading.Thread(target=sample, daemon=True).start()
 torch.set_num_threads(2)
 import glm
 folder, quant, dtype = sys.argv[1], int(sys.argv[2]) or None, sys.argv[3]
 t0 = time.perf_counter()
 m = glm.load(folder, dtype=dtype, quant=quant)
 t1 = time.perf_counter()
-time.sleep(0.05)
-peak_load, anon = peak[0], status("RssAnon:")
+anon = status("RssAnon:")
+print("LOADED", flush=True)
+time.sleep(0.1)
 cfg = m.config
 m.generate(list(range(100, 114)) + [cfg.gmask_token_id, cfg.bos_token_id], 4, stop_at_eos=False)
-time.sleep(0.05)
-print(json.dumps({"load_s": round(t1 - t0, 1), "peak_anon_load_gb": round(peak_load / 1e9, 3),
-                  "anon_loaded_gb": round(anon / 1e9, 3), "peak_anon_generate_gb": round(peak[0] / 1e9, 3),
-                  "vm_hwm_gb": round(status("VmHWM:") / 1e9, 3)}))
+time.sleep(0.1)
+print(json.dumps({"load_s": round(t1 - t0, 1), "anon_loaded_gb": round(anon / 1e9, 3),
+                  "vm_hwm_gb": round(status("VmHWM:") / 1e9, 3)}), flush=True)
 """
+
+
+def _anon(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def measure(folder: Path, quant: int, dtype: str) -> dict:
+    """Run the child, sampling its owned memory; returns its report plus the peaks while loading and after."""
+    import selectors
+
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(folder), str(quant), dtype], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    peak = peak_load = 0
+    lines = []
+    while proc.poll() is None:
+        peak = max(peak, _anon(proc.pid))
+        if sel.select(timeout=0.02):
+            line = proc.stdout.readline()
+            if line.startswith("LOADED"):
+                peak_load = peak
+            elif line:
+                lines.append(line)
+    lines += proc.stdout.readlines()
+    if proc.returncode:
+        raise RuntimeError(proc.stderr.read())
+    report = json.loads(lines[-1])
+    return {**report, "peak_anon_load_gb": round(peak_load / 1e9, 3), "peak_anon_gb": round(peak / 1e9, 3)}
 
 
 def write_checkpoint(folder: Path, layers: int, shards: int = 8) -> None:
@@ -112,12 +142,7 @@ def main(argv=None) -> int:
     size = sum(f.stat().st_size for f in folder.glob("*.bin"))
     for mode in args.modes.split(","):
         quant, dtype = MODES[mode]
-        r = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(quant), dtype], capture_output=True,
-                           text=True, cwd=ROOT)
-        if r.returncode:
-            print(r.stderr, file=sys.stderr)
-            return 1
-        row = {"mode": mode, "dtype": dtype, "checkpoint_gb": round(size / 1e9, 2), **json.loads(r.stdout),
+        row = {"mode": mode, "dtype": dtype, "checkpoint_gb": round(size / 1e9, 2), **measure(folder, quant, dtype),
                "date": time.strftime("%Y-%m-%d")}
         print(json.dumps(row), flush=True)
     return 0
