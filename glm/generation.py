@@ -234,6 +234,10 @@ class Decoder:
             # Compiled graphs specialise on the cache shape: round it up so that later turns share the graphs.
             S = max(max_len, self.model.config.max_sequence_length) if self.compile else max_len
             self.caches = self.model.new_caches(batch, S)
+            if self.compile:
+                for c in self.caches:  # CUDA graphs must update the caches in place, never copy them in
+                    torch._dynamo.mark_static_address(c.k)
+                    torch._dynamo.mark_static_address(c.v)
             self._shape = (batch, S)
             self._step = None
         return self.caches
