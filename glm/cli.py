@@ -57,32 +57,27 @@ def max_length_type(s: str) -> int:
     return v
 
 
-def top_p_type(s: str) -> float:
-    v = _number(float, s, "a number in (0, 1]")
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
-    return v
+def _sampling_type(field: str, kind, what: str):
+    """An argparse type for one SamplingConfig field: parsed here, judged by SamplingConfig's own rules."""
+
+    def parse(s: str):
+        from glm.generation import GenerationError, SamplingConfig
+
+        v = _number(kind, s, what)
+        try:
+            SamplingConfig(**{field: v})
+        except GenerationError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{field} ")) from None
+        return v
+
+    parse.__name__ = field  # argparse names the type in some messages
+    return parse
 
 
-def temperature_type(s: str) -> float:
-    v = _number(float, s, "a number >= 0")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 is greedy), got {v}")
-    return v
-
-
-def top_k_type(s: str) -> int:
-    v = _number(int, s, "an integer >= 0")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 turns it off), got {v}")
-    return v
-
-
-def repetition_penalty_type(s: str) -> float:
-    v = _number(float, s, "a number > 0")
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 (1 is no penalty), got {v}")
-    return v
+top_p_type = _sampling_type("top_p", float, "a number in (0, 1]")
+temperature_type = _sampling_type("temperature", float, "a number >= 0")
+top_k_type = _sampling_type("top_k", int, "an integer >= 0")
+repetition_penalty_type = _sampling_type("repetition_penalty", float, "a number > 0")
 
 
 def seed_type(s: str) -> int | None:

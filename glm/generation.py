@@ -103,13 +103,13 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+            raise GenerationError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise GenerationError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if self.repetition_penalty <= 0:
-            raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise GenerationError(f"repetition_penalty must be > 0 (1 is no penalty), got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
