@@ -220,20 +220,20 @@ def _expected(model: nn.Module, name: str) -> Tensor:
     return t
 
 
-def _quant_linear_names(cfg: GLMConfig) -> list[str]:
-    names = [
-        f"layers.{i}.{s}"
-        for i in range(cfg.num_layers)
-        for s in ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-    ]
-    return names + (["lm_head"] if cfg.quantize_lm_head else [])
+def _quant_linear_names(num_layers: int, include_lm_head: bool) -> list[str]:
+    """Module names of the linears a quantized model holds as QuantLinear (the list lives in glm.quant)."""
+    from glm.quant import quantized_linear_names
+
+    block = quantized_linear_names(include_lm_head=False)
+    names = [f"layers.{i}.{s}" for i in range(num_layers) for s in block]
+    return names + (["lm_head"] if include_lm_head else [])
 
 
 def _swap_in_quant_linears(model: GLM, cfg: GLMConfig) -> None:
     """Replace float linears by (meta) QuantLinear modules, for checkpoints stored quantized."""
     from glm.quant import QuantLinear
 
-    for name in _quant_linear_names(cfg):
+    for name in _quant_linear_names(cfg.num_layers, cfg.quantize_lm_head):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         lin = getattr(parent, attr)
@@ -278,8 +278,9 @@ def build_model(
     if stored_quant:
         _swap_in_quant_linears(model, cfg)
 
-    to_quantize = _quant_linear_names(GLMConfig(**{**cfg.to_dict(), "quantize_lm_head": quantize_lm_head}))
-    pending = {n: {"weight", "bias"} for n in to_quantize} if quant and not stored_quant else {}
+    pending = {}  # linear -> tensors still to read before it can be quantized
+    if quant and not stored_quant:
+        pending = {n: {"weight", "bias"} for n in _quant_linear_names(cfg.num_layers, quantize_lm_head)}
     seen: set[str] = set()
     bar = None
     if progress:

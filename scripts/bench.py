@@ -30,8 +30,6 @@ from glm.config import GLMConfig  # noqa: E402
 from glm.generation import Decoder, SamplingConfig, generate_stream  # noqa: E402
 from glm.model import GLM  # noqa: E402
 
-QUANT_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-
 
 def build_random(cfg: GLMConfig, device, dtype, quant: int | None, group_size: int | None, seed: int = 0,
                  quant_lm_head: bool = False) -> GLM:
@@ -61,12 +59,9 @@ def build_random(cfg: GLMConfig, device, dtype, quant: int | None, group_size: i
             if any(True for _ in m.parameters(recurse=False)):
                 fill(m, seed + 1000 * (i + 1) + j)
         if quant:
-            from glm.quant import QuantLinear
+            from glm.quant import quantize_
 
-            for name in QUANT_LINEARS:
-                parent, _, attr = name.rpartition(".")
-                mod = layer.get_submodule(parent)
-                setattr(mod, attr, QuantLinear.from_linear(getattr(mod, attr), quant, group_size=group_size))
+            quantize_(layer, quant, group_size)
     if quant and quant_lm_head:
         from glm.quant import QuantLinear
 

@@ -25,10 +25,17 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import glm  # noqa: E402
 from glm.config import GLMConfig  # noqa: E402
 from glm.generation import Batch, full_mask  # noqa: E402
-from glm.quant import QuantLinear, dequantize, quantize_grouped, quantize_per_channel, sqnr  # noqa: E402
+from glm.quant import (  # noqa: E402
+    dequantize,
+    quantize_,
+    quantize_grouped,
+    quantize_per_channel,
+    quantized_linear_names,
+    sqnr,
+)
 
 SCHEMES = [("int8", 8, None), ("int4", 4, None), ("int4-g128", 4, 128), ("int4-g64", 4, 64), ("int4-g32", 4, 32)]
-LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+LINEARS = quantized_linear_names()
 
 
 def weight_sqnr(w: torch.Tensor, bits: int, group: int | None) -> float:
@@ -52,13 +59,7 @@ def quantized_copy(model, bits, group):
     """A deep copy of a float model with its block linears quantized."""
     import copy
 
-    q = copy.deepcopy(model)
-    for layer in q.layers:
-        for lin in LINEARS:
-            parent, _, attr = lin.rpartition(".")
-            mod = layer.get_submodule(parent)
-            setattr(mod, attr, QuantLinear.from_linear(getattr(mod, attr), bits, group_size=group))
-    return q
+    return quantize_(copy.deepcopy(model), bits, group)
 
 
 @torch.inference_mode()
