@@ -85,19 +85,14 @@ def stream_chat(
     yields nothing, and every value is `process_response` of the decoded new ids.
     """
     history = list(history or [])
-    prompt_ids = _tokenizer(engine).encode(build_prompt(query, history))
-    gen = generator if generator is not None else make_generator(seed, engine.device)
-    eos = engine.config.eos_token_id
-    new: list[int] = []
-    stream = generate_stream(
-        engine.model, [prompt_ids], max_length=max_length, generator=gen, decoder=getattr(engine, "decoder", None),
-        sampling=_sampling(do_sample, top_p, temperature, top_k, repetition_penalty),
-    )
-    for tok in stream:
-        t = int(tok[0])
+    prompt_len, tokens = _reply_tokens(engine, query, history, max_length, generator, seed,
+                                       _sampling(do_sample, top_p, temperature, top_k, repetition_penalty))
+    eos, new = engine.config.eos_token_id, []
+    for step in tokens:
+        t = int(step[0])
         new.append(t)
-        if t == eos or len(prompt_ids) + len(new) >= max_length:
-            stream.close()
+        if t == eos or prompt_len + len(new) >= max_length:
+            tokens.close()
             return
         reply = process_response(engine.tokenizer.decode(new))
         yield reply, history + [(query, reply)]
@@ -108,17 +103,19 @@ def chat(engine, query: str, history: History | None = None, max_length: int = 2
          seed: int | None = None, generator=None) -> tuple[str, History]:
     """One reply, as the official `chat`: `(reply, history + [(query, reply)])`."""
     history = list(history or [])
+    _, tokens = _reply_tokens(engine, query, history, max_length, generator, seed,
+                              _sampling(do_sample, top_p, temperature, top_k, repetition_penalty))
+    reply = process_response(engine.tokenizer.decode([int(step[0]) for step in tokens]))
+    return reply, history + [(query, reply)]
+
+
+def _reply_tokens(engine, query, history, max_length, generator, seed, sampling):
+    """(prompt length, the generation stream (B=1) of one turn), with the engine's reused caches."""
     prompt_ids = _tokenizer(engine).encode(build_prompt(query, history))
     gen = generator if generator is not None else make_generator(seed, engine.device)
-    new = [
-        int(t[0])
-        for t in generate_stream(
-            engine.model, [prompt_ids], max_length=max_length, generator=gen, decoder=getattr(engine, "decoder", None),
-            sampling=_sampling(do_sample, top_p, temperature, top_k, repetition_penalty),
-        )
-    ]
-    reply = process_response(engine.tokenizer.decode(new))
-    return reply, history + [(query, reply)]
+    stream = generate_stream(engine.model, [prompt_ids], max_length=max_length, generator=gen, sampling=sampling,
+                             decoder=getattr(engine, "decoder", None))
+    return len(prompt_ids), stream
 
 
 class ReplyPrinter:
