@@ -78,24 +78,32 @@ def stream_chat(
     repetition_penalty: float = 1.0,
     seed: int | None = None,
     generator=None,
+    final: bool = False,
 ) -> Iterator[tuple[str, History]]:
     """Yield `(reply so far, history + [(query, reply so far)])` after every generated token.
 
     As the official stream_chat: the token that ends generation (`<eop>`, or the one that reaches max_length)
-    yields nothing, and every value is `process_response` of the decoded new ids.
+    yields nothing, and every value is `process_response` of the decoded new ids. With `final=True` (ours) that
+    last token yields too, so that the last value is exactly `chat`'s reply (the official stream can end one
+    token short of it when max_length cuts the reply).
     """
     history = list(history or [])
     prompt_len, tokens = _reply_tokens(engine, query, history, max_length, generator, seed,
                                        _sampling(do_sample, top_p, temperature, top_k, repetition_penalty))
     eos, new = engine.config.eos_token_id, []
-    for step in tokens:
-        t = int(step[0])
-        new.append(t)
-        if t == eos or prompt_len + len(new) >= max_length:
-            tokens.close()
-            return
-        reply = process_response(engine.tokenizer.decode(new))
-        yield reply, history + [(query, reply)]
+    try:
+        for step in tokens:
+            t = int(step[0])
+            new.append(t)
+            last = t == eos or prompt_len + len(new) >= max_length
+            if last and not final:
+                return
+            reply = process_response(engine.tokenizer.decode(new))
+            yield reply, history + [(query, reply)]
+            if last:
+                return
+    finally:
+        tokens.close()  # also when the caller stops early: the caches are free for the next turn at once
 
 
 def chat(engine, query: str, history: History | None = None, max_length: int = 2048, do_sample: bool = True,

@@ -291,22 +291,16 @@ def stream_reply(m, query: str, history: History, s: Sampling) -> Iterator[str]:
 
     `m.stream_chat` (the official stream) never yields the token that reaches max_length, so its last value
     can be one token short of `chat`'s reply; a terminal and a web page should show, and remember, the reply
-    that `chat` gives. The decoding loop is the engine's own (`stream_generate`, as `chat` calls it).
+    that `chat` gives, which `stream_chat(final=True)` ends on.
     """
-    from glm.chat import build_prompt, process_response
-
-    tok = m.tokenizer
-    ids = tok.encode(build_prompt(query, history))
-    new: list[int] = []
-    stream = m.stream_generate(ids, max_length=s.max_length, do_sample=not s.greedy, top_p=s.top_p,
-                               temperature=s.temperature, top_k=s.top_k, repetition_penalty=s.repetition_penalty,
-                               seed=s.seed)
+    replies = m.stream_chat(query, history, max_length=s.max_length, do_sample=not s.greedy, top_p=s.top_p,
+                            temperature=s.temperature, top_k=s.top_k, repetition_penalty=s.repetition_penalty,
+                            seed=s.seed, final=True)
     try:
-        for step in stream:
-            new.append(int(step[0]))
-            yield process_response(tok.decode(new))
+        for reply, _ in replies:
+            yield reply
     finally:
-        stream.close()  # a stopped reply frees its KV cache now, not at garbage collection
+        replies.close()  # a stopped reply frees the caches for the next one now, not at garbage collection
 
 
 # ---------------------------------------------------------------------------------------------------- the chat
