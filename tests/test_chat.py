@@ -80,3 +80,12 @@ def test_reply_printer_holds_back_unsettled_tail():
     out += p.update("你好，世界")
     out += p.finish("你好，世界")
     assert out == "你好，世界"
+
+
+@pytest.mark.parametrize("i", [i for i, c in enumerate(TURNS) if "stream" in c])
+def test_stream_chat_final_ends_on_the_chat_reply(chatglm_tiny, i):
+    case = TURNS[i]
+    history = [tuple(h) for h in case["history"]]
+    values = [r for r, _ in chatglm_tiny.stream_chat(case["query"], history, max_length=case["max_length"],
+                                                     do_sample=False, final=True)]
+    assert values[:-1] == case["stream"] and values[-1] == case["response"]
