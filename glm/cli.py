@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -449,6 +450,9 @@ class Chat:
             return False
         self._write(self.out, printer.finish(reply) + "\n")
         self.history = history + [(query, reply)]
+        if getattr(self.m.decoder, "nan_seen", False):
+            self.error("the model produced NaN/inf scores, so that reply is not meaningful (float16 overflow?): "
+                       "restart with --dtype bfloat16 or float32")
         return True
 
     def _end_line(self, prefix: str, printer) -> None:
@@ -540,6 +544,8 @@ def main(argv: list[str] | None = None, prog: str = "glm-chat") -> int:
             f.reconfigure(errors="backslashreplace")
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    # The engine warns about NaN logits for library users; here Chat.answer reports it as one line instead.
+    warnings.filterwarnings("ignore", message="the model produced NaN", category=RuntimeWarning)
     check_model_args(parser, args)
     try:
         m = load_from_args(args)

@@ -226,6 +226,7 @@ class Decoder:
         self._shape = (0, 0)
         self._step = None
         self.busy = False  # a generation is using the caches (another one then gets its own)
+        self.nan_seen = False  # the last generation hit NaN/inf logits (and the official fallback)
 
     def caches_for(self, batch: int, max_len: int):
         B, S = self._shape
@@ -336,30 +337,33 @@ def _decode(model, batch, max_length, sampling, stop_at_eos, generator, logits_h
     logits = model(batch.ids, batch.position_ids, mask, caches, slots, last_only=True)[:, -1]
 
     cur = T
-    while True:
-        if logits_hook is not None:
-            logits_hook(logits)
-        scores, bad = fix_invalid_scores(logits)
-        nan_seen |= bad
-        nxt = select_next(scores, all_ids[:, :cur], sampling, generator)
-        nxt = torch.where(unfinished, nxt, pad)
-        all_ids[:, cur] = nxt
-        cur += 1
-        yield nxt
-        if stop_at_eos:
-            unfinished &= nxt != cfg.eos_token_id
-            if not bool(unfinished.any()):
+    try:
+        while True:
+            if logits_hook is not None:
+                logits_hook(logits)
+            scores, bad = fix_invalid_scores(logits)
+            nan_seen |= bad
+            nxt = select_next(scores, all_ids[:, :cur], sampling, generator)
+            nxt = torch.where(unfinished, nxt, pad)
+            all_ids[:, cur] = nxt
+            cur += 1
+            yield nxt
+            if stop_at_eos:
+                unfinished &= nxt != cfg.eos_token_id
+                if not bool(unfinished.any()):
+                    break
+            if cur >= max_length:
                 break
-        if cur >= max_length:
-            break
-        slot.fill_(P + cur - 1)
-        key_valid[:, P + cur - 1] = True
-        logits = decoder.step(nxt[:, None], pos, slot, key_valid, P + cur)
-        pos[:, 1] += 1
-    if bool(nan_seen):
-        warnings.warn(
-            "the model produced NaN/inf logits; the official fallback picked token 5. "
-            "This usually means float16 overflow: try dtype='bfloat16' or 'float32'.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+            slot.fill_(P + cur - 1)
+            key_valid[:, P + cur - 1] = True
+            logits = decoder.step(nxt[:, None], pos, slot, key_valid, P + cur)
+            pos[:, 1] += 1
+    finally:  # also when the caller stops the stream early, e.g. at <eop>
+        decoder.nan_seen = bool(nan_seen)
+        if decoder.nan_seen:
+            warnings.warn(
+                "the model produced NaN/inf logits; the official fallback picked token 5. "
+                "This usually means float16 overflow: try dtype='bfloat16' or 'float32'.",
+                RuntimeWarning,
+                stacklevel=3,
+            )

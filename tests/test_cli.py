@@ -374,3 +374,16 @@ def test_group_size_that_does_not_fit_the_model_is_a_message():
     r = run("--model", str(TINY), "--quant", "4", "--group-size", "32", "--prompt", "你好")
     line = one_line_error(r, 1)
     assert "group" in line and "32" in line
+
+
+def test_nan_logits_give_one_line_and_keep_the_session():
+    import glm
+
+    m = glm.load(TINY)
+    m.model.final_layernorm.weight.data.fill_(float("nan"))  # every score NaN: the official fallback fires
+    out, err = io.StringIO(), io.StringIO()
+    chat = cli.Chat(m, cli.Sampling(greedy=True, max_length=12), out=out, err=err)
+    assert chat.answer("你好") is True
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and "NaN/inf" in lines[0] and "--dtype bfloat16" in lines[0]
+    assert chat.history and chat.history[-1][0] == "你好"  # the session goes on
