@@ -39,6 +39,18 @@ class Case:
         return y.to(self.x.dtype)
 
 
+N = 37  # not a multiple of any BLOCK_N
+# (bits, group_size, K): K is never a whole number of 64-wide tiles when per-channel; grouped K holds whole groups.
+LAYOUTS = [
+    (8, None, 136),
+    (8, 32, 96),
+    (8, 64, 192),
+    (4, None, 200),
+    (4, 32, 160),
+    (4, 64, 192),
+]
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """The official packing: ``byte = (q[2j] << 4) | (q[2j + 1] & 0xF)``."""
     return (q[:, 0::2] << 4) | (q[:, 1::2] & 0xF)

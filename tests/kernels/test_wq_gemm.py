@@ -2,20 +2,10 @@
 
 import pytest
 import torch
-from kernel_cases import assert_output_close, make_case
+from kernel_cases import LAYOUTS, N, assert_output_close, make_case
 
 from glm.kernels import wq_gemm_reference
 from glm.kernels.wq_gemm import wq_gemm
-
-N = 37  # not a multiple of any BLOCK_N
-LAYOUTS = [
-    (8, None, 136),
-    (8, 32, 96),
-    (8, 64, 192),
-    (4, None, 200),
-    (4, 32, 160),
-    (4, 64, 192),
-]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

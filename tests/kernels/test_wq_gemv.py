@@ -2,21 +2,10 @@
 
 import pytest
 import torch
-from kernel_cases import assert_output_close, make_case
+from kernel_cases import LAYOUTS, N, assert_output_close, make_case
 
 from glm.kernels import wq_gemv_reference
 from glm.kernels.wq_gemv import _tickets, _wq_gemv, wq_gemv
-
-N = 37  # not a multiple of any BLOCK_N
-# (bits, group_size, K): K is never a whole number of 64-wide tiles when per-channel; grouped K holds whole groups.
-LAYOUTS = [
-    (8, None, 136),
-    (8, 32, 96),
-    (8, 64, 192),
-    (4, None, 200),
-    (4, 32, 160),
-    (4, 64, 192),
-]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
