@@ -31,18 +31,6 @@ pytestmark = [
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install playwright)")
 pytest.importorskip("gradio")
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from test_web import WebServer
-
-    srv = WebServer("--greedy", "--delay-ms", "25", log=tmp_path_factory.mktemp("web") / "server.log")
-    try:
-        yield srv.wait()
-    finally:
-        srv.stop()
-
-
 def test_chat_in_headless_chromium(server, chatglm_tiny, tmp_path):
     # What the second reply would be in full, had it not been stopped (the engine, in this process).
     full = chatglm_tiny.chat(MARKDOWN, [(FIRST["query"], FIRST["response"])], max_length=2048, do_sample=False)[0]

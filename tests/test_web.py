@@ -65,16 +65,6 @@ class WebServer:
                 self.proc.wait(10)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    # --delay-ms (a hidden test hook) paces tokens to 25 ms, so that a reply lasts about a second and can be stopped.
-    srv = WebServer("--greedy", "--delay-ms", "25", log=tmp_path_factory.mktemp("web") / "server.log")
-    try:
-        yield srv.wait()
-    finally:
-        srv.stop()
-
-
 def client(server):
     return gradio_client.Client(server.url, verbose=False)
 
