@@ -62,6 +62,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, n_param
     return DTYPES[dtype]
 
 
+def _as_prompts(input_ids) -> tuple[list[list[int]], bool]:
+    """(prompts, batched): a list of ids is one prompt, a list of lists a batch."""
+    batched = bool(input_ids) and isinstance(input_ids[0], (list, tuple))
+    return ([list(p) for p in input_ids] if batched else [list(input_ids)]), batched
+
+
 def _n_params(folder: Path) -> int:
     """Parameter count implied by a checkpoint's config.json (0 if it cannot be read)."""
     from glm.config import GLMConfig
@@ -125,8 +131,7 @@ class ChatGLM:
         logits_hook=None,
     ) -> Iterator[torch.Tensor]:
         """Yield the new ids (B,) step by step; `input_ids` a list of ids or a list of lists (left-padded batch)."""
-        prompts = [list(p) for p in input_ids] if input_ids and isinstance(input_ids[0], (list, tuple)) else [
-            list(input_ids)]
+        prompts, _ = _as_prompts(input_ids)
         sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
                                   repetition_penalty=repetition_penalty)
         gen = generator if generator is not None else make_generator(seed, self.device)
@@ -139,7 +144,7 @@ class ChatGLM:
 
         With `stop_at_eos` (default) a row ends with its `<eop>`; nothing after it is returned.
         """
-        batched = bool(input_ids) and isinstance(input_ids[0], (list, tuple))
+        _, batched = _as_prompts(input_ids)
         rows: list[list[int]] | None = None
         eos = self.config.eos_token_id
         stop = kwargs.get("stop_at_eos", True)
