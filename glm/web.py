@@ -16,18 +16,17 @@ import threading
 import time
 from dataclasses import replace
 
-from glm.cli import (
+from glm.cli import fit_turn, stream_reply
+from glm.options import (
     ArgumentParser,
     CLIError,
     Sampling,
     add_model_args,
     add_sampling_args,
     check_model_args,
-    fit_turn,
     is_oom,
     load_from_args,
     model_name,
-    stream_reply,
     summary,
 )
 
