@@ -17,7 +17,7 @@ _LAZY = {
     "GLMConfig": ("glm.config", "GLMConfig"),
     "GLM": ("glm.model", "GLM"),
     "Tokenizer": ("glm.tokenizer", "Tokenizer"),
-    "SamplingConfig": ("glm.generation", "SamplingConfig"),
+    "GenerationConfig": ("glm.generation", "GenerationConfig"),
     "GenerationError": ("glm.generation", "GenerationError"),
     "CheckpointError": ("glm.loader", "CheckpointError"),
     "ConfigError": ("glm.config", "ConfigError"),
@@ -42,5 +42,5 @@ def save(m, folder):
     return m.save(folder)
 
 
-__all__ = ["load", "save", "ChatGLM", "GLMConfig", "GLM", "Tokenizer", "SamplingConfig", "GenerationError",
+__all__ = ["load", "save", "ChatGLM", "GLMConfig", "GLM", "Tokenizer", "GenerationConfig", "GenerationError",
            "CheckpointError", "ConfigError", "build_prompt", "process_response"]

@@ -97,7 +97,24 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, H, T, D) at slots `input_pos` (T,) and return the full buffers (B, H, S_max, D)."""
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
+        """Write k, v (B, H, T, D) and return the full buffers (B, H, S_max, D).
+
+        `input_pos` is (T,), the same slots for every row (a prefill), or (B, 1), one slot per row (a decode step
+        of rows at different lengths).
+        """
+        if input_pos.dim() == 2:
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[rows, :, input_pos[:, 0]] = k[:, :, 0]
+            self.v[rows, :, input_pos[:, 0]] = v[:, :, 0]
+        else:
+            self.k.index_copy_(2, input_pos, k)
+            self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
+
+    def row(self, i: int) -> KVCache:
+        """A cache over row i alone, sharing this one's memory (a request is prefilled into its row through it)."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k[i : i + 1], persistent=False)
+        view.register_buffer("v", self.v[i : i + 1], persistent=False)
+        return view

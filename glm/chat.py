@@ -6,14 +6,19 @@ Kept out of the model: the model maps ids to logits; this module maps conversati
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 
-from glm.generation import GenerationError, SamplingConfig, generate_stream, make_generator
+from glm.generation import GenerationConfig, GenerationError, Request
+from glm.tokenizer import StreamDecoder
 
 History = list[tuple[str, str]]
 
 # The official defaults of chat/stream_chat; top_k 50 is transformers' default, which the official code never sets.
-CHAT_DEFAULTS = dict(max_length=2048, do_sample=True, top_p=0.7, temperature=0.95, top_k=50, repetition_penalty=1.0)
+CHAT_DEFAULTS = GenerationConfig(max_length=2048, do_sample=True, top_p=0.7, temperature=0.95, top_k=50)
+MAX_RESERVE = 256
+NAN_WARNING = ("the model produced NaN/inf logits; the official fallback picked token 5. "
+               "This usually means float16 overflow: try dtype='bfloat16' or 'float32'.")
 
 
 def build_prompt(query: str, history: History | None = None) -> str:
@@ -37,12 +42,23 @@ def process_response(text: str) -> str:
     return text
 
 
-def fit_history(tokenizer, query: str, history: History | None, max_length: int, reserve: int = 1) -> History:
-    """Drop whole oldest rounds until the prompt leaves at least `reserve` tokens for the reply under max_length.
+def reply_reserve(max_length: int) -> int:
+    """Tokens kept free for the reply when old rounds are dropped: an eighth of max_length, at most 256.
+
+    256 of the default 2048 leaves most of the context to the conversation while a reply still gets a useful
+    length; small max_lengths keep the same proportion (the golden test turns, which leave exactly 40 tokens for
+    their replies, fit untouched up to max_length 320).
+    """
+    return max(1, min(MAX_RESERVE, max_length // 8))
+
+
+def fit_history(tokenizer, query: str, history: History | None, max_length: int, reserve: int | None = None) -> History:
+    """Drop whole oldest rounds until the prompt leaves `reserve` tokens (default `reply_reserve`) for the reply.
 
     Raises GenerationError when the query alone does not fit.
     """
-    history = list(history or [])
+    reserve = reply_reserve(max_length) if reserve is None else reserve
+    history = check_history(history)
     while True:
         n = len(tokenizer.encode(build_prompt(query, history)))
         if n + reserve <= max_length:
@@ -55,79 +71,92 @@ def fit_history(tokenizer, query: str, history: History | None, max_length: int,
         history.pop(0)
 
 
+def check_history(history) -> History:
+    """A history as a list of (query, reply) string pairs; anything else is a GenerationError."""
+    if history is None:
+        return []
+    if isinstance(history, (str, bytes)) or not isinstance(history, (list, tuple)):
+        raise GenerationError(f"history must be a list of (query, reply) pairs, got {type(history).__name__}")
+    out = []
+    for i, rnd in enumerate(history):
+        if isinstance(rnd, (str, bytes)) or not isinstance(rnd, (list, tuple)) or len(rnd) != 2 \
+                or not all(isinstance(x, str) for x in rnd):
+            raise GenerationError(f"history[{i}] must be a (query, reply) pair of strings, got {rnd!r:.60}")
+        out.append((rnd[0], rnd[1]))
+    return out
+
+
 def _tokenizer(engine):
     if engine.tokenizer is None:
         raise GenerationError(f"{engine.path} has no ice_text.model, so it cannot chat: use a full checkpoint")
     return engine.tokenizer
 
 
-def _sampling(do_sample, top_p, temperature, top_k, repetition_penalty) -> SamplingConfig:
-    return SamplingConfig(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-                          repetition_penalty=repetition_penalty)
+def submit_turn(engine, query: str, history: History, config: GenerationConfig) -> Request:
+    """Queue the reply to `query` after `history` (the official prompt template)."""
+    if not isinstance(query, str):
+        raise GenerationError(f"query must be a string, got {type(query).__name__}")
+    return engine.submit(_tokenizer(engine).encode(build_prompt(query, history)), config)
 
 
-def stream_chat(
-    engine,
-    query: str,
-    history: History | None = None,
-    max_length: int = 2048,
-    do_sample: bool = True,
-    top_p: float = 0.7,
-    temperature: float = 0.95,
-    top_k: int = 50,
-    repetition_penalty: float = 1.0,
-    seed: int | None = None,
-    generator=None,
-    final: bool = False,
-) -> Iterator[tuple[str, History]]:
-    """Yield `(reply so far, history + [(query, reply so far)])` after every generated token.
+def replies(engine, request: Request) -> Iterator[tuple[str, bool]]:
+    """`(process_response(decoded reply so far), is_last)` after every token of a chat request.
 
-    As the official stream_chat: the token that ends generation (`<eop>`, or the one that reaches max_length)
-    yields nothing, and every value is `process_response` of the decoded new ids. With `final=True` (ours) that
-    last token yields too, so that the last value is exactly `chat`'s reply (the official stream can end one
-    token short of it when max_length cuts the reply).
+    Closing the iterator early cancels the request, so its cache row is free for the next one at once.
     """
-    history = list(history or [])
-    prompt_len, tokens = _reply_tokens(engine, query, history, max_length, generator, seed,
-                                       _sampling(do_sample, top_p, temperature, top_k, repetition_penalty))
-    eos, new = engine.config.eos_token_id, []
+    dec = StreamDecoder(engine.tokenizer)
+    eos, stop_at_eos = engine.config.eos_token_id, request.config.stop_at_eos
     try:
-        for step in tokens:
-            t = int(step[0])
-            new.append(t)
-            last = t == eos or prompt_len + len(new) >= max_length
-            if last and not final:
-                return
-            reply = process_response(engine.tokenizer.decode(new))
-            yield reply, history + [(query, reply)]
-            if last:
-                return
+        for t in request:
+            dec.put(t)
+            last = (stop_at_eos and t == eos) or len(request.tokens) >= request.budget
+            yield process_response(dec.current), last
     finally:
-        tokens.close()  # also when the caller stops early: the caches are free for the next turn at once
+        request.cancel()
+    if request.result is not None and request.result.nan:
+        warnings.warn(NAN_WARNING, RuntimeWarning, stacklevel=3)
+
+
+def stream_reply(engine, query: str, history: History | None, config: GenerationConfig,
+                 final: bool = True) -> Iterator[str]:
+    """The reply so far after every token. With `final` the last value is exactly `chat`'s reply; without it
+    the stream is the official one, which yields nothing for the token that ends generation (so it can end one
+    token short of `chat`'s reply when max_length cuts it)."""
+    request = submit_turn(engine, query, check_history(history), config)
+    for reply, last in replies(engine, request):
+        if last and not final:
+            return
+        yield reply
+
+
+def stream_chat(engine, query: str, history: History | None = None, max_length: int = 2048,
+                do_sample: bool = True, top_p: float = 0.7, temperature: float = 0.95, top_k: int = 50,
+                repetition_penalty: float = 1.0, seed: int | None = None,
+                final: bool = False) -> Iterator[tuple[str, History]]:
+    """Yield `(reply so far, history + [(query, reply so far)])` after every generated token, as the official
+    stream_chat (with `final=True`, ours, the last value is exactly `chat`'s reply)."""
+    history = check_history(history)
+    config = GenerationConfig(max_length=max_length, do_sample=do_sample, top_p=top_p, temperature=temperature,
+                              top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
+    for reply in stream_reply(engine, query, history, config, final=final):
+        yield reply, history + [(query, reply)]
 
 
 def chat(engine, query: str, history: History | None = None, max_length: int = 2048, do_sample: bool = True,
          top_p: float = 0.7, temperature: float = 0.95, top_k: int = 50, repetition_penalty: float = 1.0,
-         seed: int | None = None, generator=None) -> tuple[str, History]:
+         seed: int | None = None) -> tuple[str, History]:
     """One reply, as the official `chat`: `(reply, history + [(query, reply)])`."""
-    history = list(history or [])
-    _, tokens = _reply_tokens(engine, query, history, max_length, generator, seed,
-                              _sampling(do_sample, top_p, temperature, top_k, repetition_penalty))
-    reply = process_response(engine.tokenizer.decode([int(step[0]) for step in tokens]))
+    history = check_history(history)
+    reply = ""
+    for reply, _ in stream_chat(engine, query, history, max_length, do_sample, top_p, temperature, top_k,
+                                repetition_penalty, seed, final=True):
+        pass
     return reply, history + [(query, reply)]
 
 
-def _reply_tokens(engine, query, history, max_length, generator, seed, sampling):
-    """(prompt length, the generation stream (B=1) of one turn), with the engine's reused caches."""
-    prompt_ids = _tokenizer(engine).encode(build_prompt(query, history))
-    gen = generator if generator is not None else make_generator(seed, engine.device)
-    stream = generate_stream(engine.model, [prompt_ids], max_length=max_length, generator=gen, sampling=sampling,
-                             decoder=getattr(engine, "decoder", None))
-    return len(prompt_ids), stream
-
-
-class ReplyPrinter:
-    """Turns the successive replies of `stream_chat` into append-only text for a terminal.
+class SettledText:
+    """Turns successive replies (each `process_response` of the text so far) into append-only deltas, for a
+    terminal or a server stream whose deltas must add up to the final reply.
 
     `process_response` can still change the tail of a reply (a ',' becomes '，' once a CJK character follows;
     trailing spaces are stripped; '[[训练时间]]' is replaced), so that tail is held back until it is settled.
@@ -136,20 +165,20 @@ class ReplyPrinter:
     _HOLD = re.compile(r"(\s+|[,!:;?]|\[\[?[训练时间\]]*)$")
 
     def __init__(self):
-        self.printed = ""
+        self.sent = ""
 
     def update(self, reply: str) -> str:
         stable = self._HOLD.sub("", reply)
-        if not stable.startswith(self.printed):
+        if not stable.startswith(self.sent):
             return ""
-        delta, self.printed = stable[len(self.printed):], stable
+        delta, self.sent = stable[len(self.sent):], stable
         return delta
 
     def finish(self, reply: str) -> str:
-        """The rest of the final reply; if the printed text diverged (rare), a newline and the whole reply."""
-        if reply.startswith(self.printed):
-            delta = reply[len(self.printed):]
+        """The rest of the final reply; if the sent text diverged (rare), a newline and the whole reply."""
+        if reply.startswith(self.sent):
+            delta = reply[len(self.sent):]
         else:
             delta = "\n" + reply
-        self.printed = reply
+        self.sent = reply
         return delta

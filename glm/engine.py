@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from glm import chat as _chat
-from glm.generation import (
-    Batch,
-    Decoder,
-    GenerationError,
-    SamplingConfig,
-    full_mask,
-    generate_stream,
-    make_generator,
-)
+from glm.generation import Batch, GenerationConfig, GenerationError, Request, Scheduler, check_ids
 from glm.loader import DEFAULT_MODEL, build_model, resolve, save_checkpoint
 from glm.model import GLM
 from glm.tokenizer import Tokenizer
@@ -62,10 +55,24 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, n_param
     return DTYPES[dtype]
 
 
-def _as_prompts(input_ids) -> tuple[list[list[int]], bool]:
-    """(prompts, batched): a list of ids is one prompt, a list of lists a batch."""
-    batched = bool(input_ids) and isinstance(input_ids[0], (list, tuple))
-    return ([list(p) for p in input_ids] if batched else [list(input_ids)]), batched
+def _as_prompts(input_ids) -> tuple[list, bool]:
+    """(prompts, batched): a list of ids (or a 1-D tensor) is one prompt, a list of lists (or a 2-D tensor) a batch."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 2:
+            return list(input_ids), True
+        return [input_ids], False
+    if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple, torch.Tensor)):
+        return list(input_ids), True
+    return [input_ids], False
+
+
+def _config(max_new_tokens, settings: dict) -> GenerationConfig:
+    """A GenerationConfig from keyword settings; an unknown keyword is a GenerationError naming it."""
+    names = GenerationConfig.__dataclass_fields__
+    unknown = sorted(set(settings) - set(names))
+    if unknown:
+        raise GenerationError(f"unknown generation setting(s) {', '.join(unknown)}: use {', '.join(names)}")
+    return GenerationConfig(max_new_tokens=max_new_tokens, **settings)
 
 
 def _n_params(folder: Path) -> int:
@@ -81,16 +88,17 @@ def _n_params(folder: Path) -> int:
 
 
 class ChatGLM:
-    """A loaded model with its tokenizer. Create it with `glm.load`."""
+    """A loaded model with its tokenizer and its scheduler (the KV cache rows). Create it with `glm.load`."""
 
     def __init__(self, model: GLM, tokenizer: Tokenizer | None, path: Path | None = None, load_seconds: float = 0.0,
-                 compile: bool = False):
+                 compile: bool = False, max_batch: int = 1, max_context: int | None = None):
         self.model = model
-        # Caches (and the compiled decode step) live here and are reused from one call to the next.
-        self.decoder = Decoder(model, compile=compile)
         self.tokenizer = tokenizer
         self.path = path
         self.load_seconds = load_seconds
+        # Every generation of this model, from every caller and thread, shares these cache rows.
+        self.scheduler = Scheduler(model, max_batch=max_batch, max_context=max_context, compile=compile,
+                                   tokenizer=tokenizer)
 
     @property
     def config(self):
@@ -103,6 +111,11 @@ class ChatGLM:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.dtype
+
+    @property
+    def max_context(self) -> int:
+        """Tokens of prompt plus reply that one request may take (the context limit)."""
+        return self.scheduler.max_context
 
     def __repr__(self) -> str:
         q = self.config.quantization_bit
@@ -118,46 +131,45 @@ class ChatGLM:
         return total
 
     @torch.inference_mode()
-    def logits(self, input_ids: list[int]) -> torch.Tensor:
+    def logits(self, input_ids) -> torch.Tensor:
         """float32 logits (len, vocab) of one uncached forward over a prompt."""
-        batch = Batch.from_prompts([list(input_ids)], self.config, self.device)
-        mask = full_mask(batch, prefix=self.config.pre_seq_len or 0)
-        return self.model(batch.ids, batch.position_ids, mask)[0]
+        ids = check_ids(input_ids, self.config)
+        if len(ids) > self.max_context:
+            raise GenerationError(f"the prompt is {len(ids)} tokens, over the context limit of {self.max_context}")
+        batch = Batch.from_prompts([ids], self.config, self.device)
+        return self.model(batch.ids, batch.position_ids, batch.mask(prefix=self.config.pre_seq_len or 0))[0]
 
-    def stream_generate(
-        self, input_ids, max_new_tokens: int | None = None, *, max_length: int | None = None, do_sample: bool = False,
-        stop_at_eos: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50,
-        repetition_penalty: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None,
-        logits_hook=None,
-    ) -> Iterator[torch.Tensor]:
-        """Yield the new ids (B,) step by step; `input_ids` a list of ids or a list of lists (left-padded batch)."""
-        prompts, _ = _as_prompts(input_ids)
-        sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-                                  repetition_penalty=repetition_penalty)
-        gen = generator if generator is not None else make_generator(seed, self.device)
-        return generate_stream(self.model, prompts, max_new_tokens=max_new_tokens, max_length=max_length,
-                               sampling=sampling, stop_at_eos=stop_at_eos, generator=gen, logits_hook=logits_hook,
-                               decoder=self.decoder)
+    def submit(self, input_ids, config: GenerationConfig, logits_hook=None) -> Request:
+        """Queue one prompt; iterate the returned Request for its new ids, `.result` once it has ended."""
+        return self.scheduler.submit(input_ids, config, logits_hook)
 
-    def generate(self, input_ids, max_new_tokens: int | None = None, **kwargs):
-        """New ids after the prompt: a list for one prompt, a list of lists for a batch.
+    def generate_stream(self, input_ids, max_new_tokens: int | None = None, *, logits_hook=None,
+                        **settings) -> Iterator[int]:
+        """Yield the new ids of one prompt as they come. Settings: those of `GenerationConfig`."""
+        req = self.submit(input_ids, _config(max_new_tokens, settings), logits_hook)
+        try:
+            yield from req
+        finally:
+            req.cancel()  # a caller that stops early frees the row at once
+        _warn_nan([req])
 
-        With `stop_at_eos` (default) a row ends with its `<eop>`; nothing after it is returned.
+    def generate(self, input_ids, max_new_tokens: int | None = None, *, logits_hook=None, **settings):
+        """New ids after the prompt: a list for one prompt, a list of lists for a batch (each row as if alone).
+
+        With `stop_at_eos` (default) a row ends with its `<eop>`, included. Settings: those of
+        `GenerationConfig` (max_length, do_sample, temperature, top_p, top_k, repetition_penalty, seed, stop).
         """
-        _, batched = _as_prompts(input_ids)
-        rows: list[list[int]] | None = None
-        eos = self.config.eos_token_id
-        stop = kwargs.get("stop_at_eos", True)
-        for step in self.stream_generate(input_ids, max_new_tokens, **kwargs):
-            ids = step.tolist()
-            if rows is None:
-                rows = [[] for _ in ids]
-                done = [False] * len(ids)
-            for r, t in enumerate(ids):
-                if not done[r]:
-                    rows[r].append(t)
-                    done[r] = stop and t == eos
-        rows = rows or [[]]
+        prompts, batched = _as_prompts(input_ids)
+        config = _config(max_new_tokens, settings)
+        reqs: list[Request] = []
+        try:
+            for p in prompts:
+                reqs.append(self.submit(p, config, logits_hook))
+            rows = [list(r) for r in reqs]
+        finally:
+            for r in reqs:
+                r.cancel()
+        _warn_nan(reqs)
         return rows if batched else rows[0]
 
     def chat(self, query: str, history=None, max_length: int = 2048, do_sample: bool = True, top_p: float = 0.7,
@@ -177,6 +189,11 @@ class ChatGLM:
         return save_checkpoint(self.model, folder, tokenizer_folder=self.path)
 
 
+def _warn_nan(reqs: list[Request]) -> None:
+    if any(r.result is not None and r.result.nan for r in reqs):
+        warnings.warn(_chat.NAN_WARNING, RuntimeWarning, stacklevel=3)
+
+
 def load(
     model: str | os.PathLike = DEFAULT_MODEL,
     *,
@@ -188,6 +205,8 @@ def load(
     quantize_lm_head: bool = False,
     ptuning: str | os.PathLike | None = None,
     compile: bool = False,
+    max_batch: int = 1,
+    max_context: int | None = None,
     progress: bool = False,
 ) -> ChatGLM:
     """Load ChatGLM-6B from a Hub repo id or a local folder.
@@ -203,6 +222,9 @@ def load(
         quantize_lm_head: quantize lm_head too (1 GB in fp16).
         ptuning: a P-Tuning v2 checkpoint folder (its config.json and prefix encoder) to apply on top.
         compile: decode through `torch.compile(mode="reduce-overhead")`: CUDA graphs on a GPU (fixed shapes).
+        max_batch: cache rows, i.e. requests decoded together (each row holds up to max_context tokens).
+        max_context: tokens of prompt plus reply per request (default: the config's max_sequence_length, 2048);
+            longer requests are refused, and generation stops there.
         progress: show progress bars.
     """
     if quant not in (None, 0, 4, 8):
@@ -222,7 +244,8 @@ def load(
     tok_file = folder / "ice_text.model"
     # A bare weights folder (like the tiny test models) has no tokenizer: ids in, ids out still work.
     tokenizer = Tokenizer.from_config(tok_file, net.config) if tok_file.is_file() else None
-    return ChatGLM(net, tokenizer, folder, time.perf_counter() - t0, compile=compile)
+    return ChatGLM(net, tokenizer, folder, time.perf_counter() - t0, compile=compile, max_batch=max_batch,
+                   max_context=max_context)
 
 
 __all__ = ["ChatGLM", "GenerationError", "load", "resolve_device", "resolve_dtype"]

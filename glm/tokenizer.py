@@ -72,32 +72,68 @@ class Tokenizer:
         return self.n_pieces
 
 
-class StreamDecoder:
-    """Incremental detokenizer: feed ids one at a time, get back the new text.
+_PATTERNS = ("<n>", "<|tab|>", *(f"<|blank_{n}|>" for n in range(2, MAX_BLANK + 1)))
+_LONGEST = max(len(p) for p in _PATTERNS)
 
-    The ids are re-decoded in full each time (sentencepiece's leading-space and byte-fallback rules depend on
-    neighbours, and decoding is cheap next to a forward pass); a trailing incomplete UTF-8 sequence (decoded as
-    U+FFFD) is held back until it completes.
+
+def _pattern_start(raw: str) -> int:
+    """Where a trailing piece of `raw` that may still grow into `<n>`, `<|tab|>` or `<|blank_N|>` begins."""
+    at = raw.rfind("<", max(0, len(raw) - _LONGEST))
+    if at >= 0 and any(p.startswith(raw[at:]) for p in _PATTERNS):
+        return at
+    return len(raw)
+
+
+class StreamDecoder:
+    """Incremental detokenizer: feed ids one at a time, get back the text that is settled.
+
+    Only a short window is decoded per id: the ids since the last settled text plus the ids before them
+    (sentencepiece drops the leading space of a text's first piece, so the window always starts on ids already
+    shown, as the decode of the whole would see them). Text that may still change is held back: an incomplete
+    UTF-8 sequence of byte pieces, and a tail that may grow into a whitespace piece such as `<|blank_4|>`.
+    `text + tail` is always `tokenizer.decode(ids)`.
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tok = tokenizer
         self.ids: list[int] = []
-        self.text = ""  # text emitted so far
+        self.text = ""  # settled text, as decode() gives it
+        self.tail = ""  # the rest of decode(ids), which may still change
+        self._prefix = self._read = 0  # the window: ids[_prefix:_read] were settled by the last step
+        self._held = ""  # raw sentencepiece text after `text`, held back for a possible whitespace piece
+
+    @property
+    def current(self) -> str:
+        """decode(ids) so far."""
+        return self.text + self.tail
 
     def put(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        full = self.tok.decode(self.ids)
-        if full.endswith("\ufffd"):
-            return ""
-        if not full.startswith(self.text):
-            # A later piece changed earlier text (rare); emit nothing now, resync on the next clean prefix.
-            return ""
-        delta, self.text = full[len(self.text):], full
-        return delta
+        """Add one id; returns the text it settled (often "", e.g. inside a multi-byte character)."""
+        t = int(token_id)
+        if t == self.tok.pad_id or not 0 <= t < self.tok.n_pieces:
+            return ""  # decode() drops these
+        self.ids.append(t)
+        sp = self.tok.sp
+        before = sp.DecodeIds(self.ids[self._prefix : self._read]) if self._read > self._prefix else ""
+        window = sp.DecodeIds(self.ids[self._prefix :])
+        fresh = window[len(before) :]
+        if window.endswith("\ufffd") or len(window) <= len(before):
+            pending = fresh  # not settled yet: decoded again with the next id
+        else:
+            self._held += fresh
+            self._prefix, self._read = self._read, len(self.ids)
+            # sentencepiece drops every leading space of a text: a window must not start on a pure-space piece.
+            while self._prefix > 0 and not sp.IdToPiece(self.ids[self._prefix]).strip("\u2581"):
+                self._prefix -= 1
+            pending = ""
+        cut = _pattern_start(self._held)
+        settled = _postprocess(self._held[:cut])
+        self._held = self._held[cut:]
+        self.text += settled
+        self.tail = _postprocess(self._held + pending)
+        return settled
 
     def flush(self) -> str:
-        full = self.tok.decode(self.ids)
-        delta = full[len(self.text):] if full.startswith(self.text) else ""
-        self.text = full
+        """The held-back rest, once no id follows."""
+        delta, self.text, self.tail, self._held = self.tail, self.text + self.tail, "", ""
         return delta

@@ -2,7 +2,7 @@ import pytest
 from glm_testutil import golden
 
 import glm
-from glm.chat import ReplyPrinter, build_prompt, fit_history, process_response
+from glm.chat import SettledText, build_prompt, fit_history, process_response
 
 G, GT = golden("chatglm-tiny")
 TURNS = G["chat"]
@@ -75,7 +75,7 @@ def test_fit_history_drops_whole_oldest_rounds(chatglm_tiny):
 
 
 def test_reply_printer_holds_back_unsettled_tail():
-    p = ReplyPrinter()
+    p = SettledText()
     out = p.update("你好,")  # the ',' may still become '，'
     out += p.update("你好，世界")
     out += p.finish("你好，世界")

@@ -138,19 +138,19 @@ def test_ptuning_prefix():
 def test_caches_are_reused_across_calls(tiny):
     case = GREEDY[0]
     tiny.generate(case["input_ids"], 24, stop_at_eos=False)
-    first = tiny.decoder.caches
+    first = tiny.scheduler.caches
     assert tiny.generate(GREEDY[1]["input_ids"], 8, stop_at_eos=False) == GREEDY[1]["greedy_ids"][:8]
-    assert tiny.decoder.caches is first  # no new allocation for a turn that fits
+    assert tiny.scheduler.caches is first  # no new allocation for a turn that fits
 
 
 def test_interleaved_generations_do_not_share_caches(tiny):
     a, b = GREEDY[0], GREEDY[1]
-    sa = tiny.stream_generate(a["input_ids"], 24, stop_at_eos=False)
-    sb = tiny.stream_generate(b["input_ids"], 24, stop_at_eos=False)
+    sa = tiny.generate_stream(a["input_ids"], 24, stop_at_eos=False)
+    sb = tiny.generate_stream(b["input_ids"], 24, stop_at_eos=False)
     out_a, out_b = [], []
     for ta, tb in zip(sa, sb):
-        out_a.append(int(ta[0]))
-        out_b.append(int(tb[0]))
+        out_a.append(ta)
+        out_b.append(tb)
     assert out_a == a["greedy_ids"] and out_b == b["greedy_ids"]
 
 
