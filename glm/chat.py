@@ -71,6 +71,14 @@ def fit_history(tokenizer, query: str, history: History | None, max_length: int,
         history.pop(0)
 
 
+def fit_turn(engine, query: str, history: History | None, max_length: int) -> tuple[History, int]:
+    """The history to send with `query` (oldest whole rounds dropped so that the prompt and the reply reserve fit
+    both max_length and the engine's context limit), and how many rounds were dropped."""
+    history = check_history(history)
+    kept = fit_history(_tokenizer(engine), query, history, min(max_length, engine.max_context))
+    return kept, len(history) - len(kept)
+
+
 def check_history(history) -> History:
     """A history as a list of (query, reply) string pairs; anything else is a GenerationError."""
     if history is None:

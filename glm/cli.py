@@ -7,31 +7,28 @@ import argparse
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 
 from glm.options import (
     DEFAULT_MODEL,  # noqa: F401 - part of this command's surface (tested)
     ArgumentParser,
     CLIError,
-    Sampling,
     add_model_args,
     add_sampling_args,
     check_model_args,
+    describe,
     is_oom,
     isatty,
     load_from_args,
     max_length_type,
     repetition_penalty_type,
     seed_type,
+    settings_from_args,
     temperature_type,
     top_k_type,
     top_p_type,
 )
 
 History = list[tuple[str, str]]
-MAX_RESERVE = 256
-
-
 def build_parser(prog: str = "glm-chat") -> ArgumentParser:
     p = ArgumentParser(
         prog=prog,
@@ -49,47 +46,6 @@ def build_parser(prog: str = "glm-chat") -> ArgumentParser:
     add_sampling_args(p)
     p.add_argument("--prompt", metavar="TEXT", default=None, help="answer TEXT once, print the reply and exit")
     return p
-
-
-# ---------------------------------------------------------------------------------------------------- replies
-
-
-def reply_reserve(max_length: int) -> int:
-    """Tokens kept free for the reply when old rounds are dropped: an eighth of max_length, at most 256.
-
-    256 of the default 2048 leaves most of the context to the conversation while a reply still gets a useful
-    length; small max_lengths keep the same proportion (the golden test turns, which leave exactly 40 tokens for
-    their replies, fit untouched up to max_length 320).
-    """
-    return max(1, min(MAX_RESERVE, max_length // 8))
-
-
-def fit_turn(tokenizer, query: str, history: History, max_length: int) -> tuple[History, int]:
-    """The history to send with `query`: oldest whole rounds dropped until prompt + reserve fits max_length.
-
-    Returns (history, rounds dropped). Raises glm.GenerationError when the query alone is too long.
-    """
-    from glm.chat import fit_history
-
-    kept = fit_history(tokenizer, query, history, max_length, reserve=reply_reserve(max_length))
-    return kept, len(history) - len(kept)
-
-
-def stream_reply(m, query: str, history: History, s: Sampling) -> Iterator[str]:
-    """Yield the reply so far after every token; the last value is exactly what `m.chat` returns.
-
-    `m.stream_chat` (the official stream) never yields the token that reaches max_length, so its last value
-    can be one token short of `chat`'s reply; a terminal and a web page should show, and remember, the reply
-    that `chat` gives, which `stream_chat(final=True)` ends on.
-    """
-    replies = m.stream_chat(query, history, max_length=s.max_length, do_sample=not s.greedy, top_p=s.top_p,
-                            temperature=s.temperature, top_k=s.top_k, repetition_penalty=s.repetition_penalty,
-                            seed=s.seed, final=True)
-    try:
-        for reply, _ in replies:
-            yield reply
-    finally:
-        replies.close()  # a stopped reply frees the caches for the next one now, not at garbage collection
 
 
 # ---------------------------------------------------------------------------------------------------- the chat
@@ -125,10 +81,10 @@ def _on_off(s: str) -> bool:
 class Chat:
     """One conversation on a loaded model: reads queries, streams replies, keeps the history within bounds."""
 
-    def __init__(self, m, sampling: Sampling, *, out=None, err=None, prog: str = "glm-chat", delay_ms: int = 0,
+    def __init__(self, m, settings, *, out=None, err=None, prog: str = "glm-chat", delay_ms: int = 0,
                  stream: bool | None = None):
         self.m = m
-        self.s = sampling
+        self.s = settings  # a GenerationConfig; /set replaces it
         self.out = out if out is not None else sys.stdout
         self.err = err if err is not None else sys.stderr
         self.prog = prog
@@ -168,7 +124,7 @@ class Chat:
 
     def _set(self, words: list[str]) -> None:
         if not words:
-            self._write(self.err, self.s.describe() + "\n")
+            self._write(self.err, describe(self.s) + "\n")
             return
         if len(words) != 2:
             self.error("usage: /set NAME VALUE (/help lists the names)")
@@ -176,76 +132,75 @@ class Chat:
         name, value = words[0].lower().removeprefix("--"), words[1]
         try:
             if name == "greedy":
-                self.s.greedy = _on_off(value)
+                self.s = self.s.replace(do_sample=not _on_off(value))
             elif name in _SETTERS:
                 attr, parse = _SETTERS[name]
-                setattr(self.s, attr, parse(value))
+                self.s = self.s.replace(**{attr: parse(value)})
             else:
                 self.error(f"unknown setting {name!r}: use one of {', '.join(list(_SETTERS) + ['greedy'])}")
                 return
         except argparse.ArgumentTypeError as e:
             self.error(f"{name}: {e}")
             return
-        self._write(self.err, self.s.describe() + "\n")
+        self._write(self.err, describe(self.s) + "\n")
 
     def answer(self, query: str, prefix: str = "", interactive: bool = False) -> bool:
         """Stream the reply to `query` to `out` after `prefix`; False when there was an error (already reported).
 
         Interactive, Ctrl+C (KeyboardInterrupt) stops the reply: what was written so far is kept in the history,
-        as it is what the user saw, and the conversation goes on. Otherwise it ends the program, as usual.
+        as it is what the user saw, and the conversation goes on. Otherwise it ends the program, as usual. Any
+        other failure of the turn is one error line, and the session and its history stay as they were.
         """
-        import glm
+        from glm.chat import SettledText, fit_turn, stream_reply
 
+        printer, reply, stream = SettledText(), "", None
         try:
-            history, dropped = fit_turn(self.m.tokenizer, query, self.history, self.s.max_length)
-        except glm.GenerationError as e:
-            self.error(str(e))
-            return False
-        if dropped:
-            rounds = "round" if dropped == 1 else "rounds"
-            self._write(self.err, f"(dropped the {dropped} oldest {rounds} of the history to fit --max-length "
-                                  f"{self.s.max_length})\n")
-        self.history = history  # dropped rounds are gone for good: the history stays bounded
-        from glm.chat import ReplyPrinter
-
-        printer = ReplyPrinter()
-        reply = ""
-        self._write(self.out, prefix)
-        stream = stream_reply(self.m, query, history, self.s)
-        try:
-            for reply in stream:
-                if self.stream:
-                    self._write(self.out, printer.update(reply))
-                if self.delay:
-                    time.sleep(self.delay)
+            history, dropped = fit_turn(self.m, query, self.history, self.s.max_length)
+            if dropped:
+                rounds = "round" if dropped == 1 else "rounds"
+                self._write(self.err, f"(dropped the {dropped} oldest {rounds} of the history to fit --max-length "
+                                      f"{min(self.s.max_length, self.m.max_context)})\n")
+            self.history = history  # dropped rounds are gone for good: the history stays bounded
+            self._write(self.out, prefix)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", RuntimeWarning)
+                stream = stream_reply(self.m, query, history, self.s)
+                for reply in stream:
+                    if self.stream:
+                        self._write(self.out, printer.update(reply))
+                    if self.delay:
+                        time.sleep(self.delay)
         except KeyboardInterrupt:
-            stream.close()
+            if stream is not None:
+                stream.close()
             if not interactive:
                 self._end_line(prefix, printer)
                 raise
             self._write(self.out, printer.finish(reply) + " [stopped]\n")
             if reply:
-                self.history = history + [(query, reply)]
+                self.history = self.history + [(query, reply)]
             return True
-        except (MemoryError, RuntimeError) as e:
-            if not is_oom(e):
-                raise
-            stream.close()
+        except Exception as e:  # noqa: BLE001 - one failed turn is one line; the session and its history go on
+            if stream is not None:
+                stream.close()
             _free_cuda_cache()
             self._end_line(prefix, printer)
-            self.error("out of memory while generating: try a smaller --max-length (or /set max-length), "
-                       "or load with --quant 4")
+            if is_oom(e):
+                self.error("out of memory while generating: try a smaller --max-length (or /set max-length), "
+                           "or load with --quant 4")
+            else:
+                self.error(_one_line(e))
             return False
         self._write(self.out, printer.finish(reply) + "\n")
-        self.history = history + [(query, reply)]
-        if getattr(self.m.decoder, "nan_seen", False):
+        self.history = self.history + [(query, reply)]
+        if any("NaN" in str(w.message) for w in caught):
             self.error("the model produced NaN/inf scores, so that reply is not meaningful (float16 overflow?): "
                        "restart with --dtype bfloat16 or float32")
         return True
 
     def _end_line(self, prefix: str, printer) -> None:
         """End a reply line cut short, if anything of it was written."""
-        if prefix or printer.printed:
+        if prefix or printer.sent:
             self._write(self.out, "\n")
 
     # -- the three modes
@@ -318,6 +273,14 @@ class Chat:
         return 0 if self.answer(query) else 1
 
 
+def _one_line(e: BaseException) -> str:
+    """An error as one line: its message (first line), with the kind when the message is not one of ours."""
+    import glm
+
+    msg = (str(e).strip().splitlines() or [""])[0]
+    return msg if isinstance(e, glm.GenerationError) else f"{type(e).__name__}: {msg} (the session goes on)"
+
+
 def _free_cuda_cache() -> None:
     import torch
 
@@ -330,6 +293,8 @@ def main(argv: list[str] | None = None, prog: str = "glm-chat") -> int:
         # A reply is Chinese more often than not: never die on a terminal or pipe that cannot encode it.
         if hasattr(f, "reconfigure"):
             f.reconfigure(errors="backslashreplace")
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not a crash
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     # The engine warns about NaN logits for library users; here Chat.answer reports it as one line instead.
@@ -337,7 +302,7 @@ def main(argv: list[str] | None = None, prog: str = "glm-chat") -> int:
     check_model_args(parser, args)
     try:
         m = load_from_args(args)
-        chat = Chat(m, Sampling.from_args(args), prog=prog, delay_ms=args.delay_ms)
+        chat = Chat(m, settings_from_args(args), prog=prog, delay_ms=args.delay_ms)
         if args.prompt is not None:
             return chat.once(args.prompt)
         if isatty(sys.stdin):

@@ -9,7 +9,6 @@ import argparse
 import math
 import os
 import sys
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 # torch (through glm.engine) is imported only once the options have parsed, so that `--help` and option errors
@@ -52,14 +51,14 @@ def max_length_type(s: str) -> int:
 
 
 def _sampling_type(field: str, kind, what: str):
-    """An argparse type for one SamplingConfig field: parsed here, judged by SamplingConfig's own rules."""
+    """An argparse type for one GenerationConfig field: parsed here, judged by GenerationConfig's own rules."""
 
     def parse(s: str):
-        from glm.generation import GenerationError, SamplingConfig
+        from glm.generation import GenerationConfig, GenerationError
 
         v = _number(kind, s, what)
         try:
-            SamplingConfig(**{field: v})
+            GenerationConfig(**{field: v})
         except GenerationError as e:
             raise argparse.ArgumentTypeError(str(e).removeprefix(f"{field} ")) from None
         return v
@@ -77,7 +76,23 @@ repetition_penalty_type = _sampling_type("repetition_penalty", float, "a number 
 def seed_type(s: str) -> int | None:
     if s.lower() in ("none", "off", ""):
         return None
-    return _number(int, s, "an integer")
+    v = _number(int, s, "an integer in [0, 2**64) or none")
+    if not 0 <= v < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64) or none, got {s!r}")
+    return v
+
+
+def count_type(lo: int, hi: int):
+    """An argparse type for an integer in [lo, hi]."""
+
+    def parse(s: str) -> int:
+        v = _number(int, s, f"an integer in [{lo}, {hi}]")
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}], got {s!r}")
+        return v
+
+    parse.__name__ = "integer"
+    return parse
 
 
 def delay_type(s: str) -> int:
@@ -103,6 +118,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true",
                    help="decode through torch.compile with CUDA graphs (fastest on a GPU; the first reply "
                         "waits for compilation)")
+    g.add_argument("--max-context", type=count_type(2, 1 << 20), default=None, metavar="N",
+                   help="tokens of prompt plus reply one conversation turn may take; longer ones are refused "
+                        "(default: the model's max_sequence_length, 2048 for ChatGLM-6B)")
     g.add_argument("--device", default="auto", metavar="DEVICE",
                    help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
@@ -175,7 +193,7 @@ def summary(m, name: str) -> str:
             f"loaded in {m.load_seconds:.1f} s")
 
 
-def load_from_args(args: argparse.Namespace, log=None):
+def load_from_args(args: argparse.Namespace, log=None, max_batch: int = 1):
     """`glm.load` with the parsed model options; prints the summary line to `log` (stderr).
 
     Every expected failure (unknown model, offline without a cached copy, no CUDA, bad checkpoint, out of
@@ -192,7 +210,8 @@ def load_from_args(args: argparse.Namespace, log=None):
     try:
         m = glm.load(args.model, revision=args.revision, device=args.device, dtype=args.dtype, quant=args.quant,
                      group_size=args.group_size, quantize_lm_head=args.quant_lm_head and bool(args.quant),
-                     compile=args.compile, progress=isatty(log))
+                     compile=args.compile, max_batch=max_batch, max_context=args.max_context,
+                     progress=isatty(log))
     except (glm.CheckpointError, glm.ConfigError, glm.GenerationError, ValueError) as e:
         raise CLIError(str(e)) from None
     except ImportError as e:  # e.g. --quant before glm.quant is available, or a missing optional package
@@ -219,25 +238,38 @@ def isatty(f) -> bool:
 # ---------------------------------------------------------------------------------------------------- replies
 
 
-@dataclass
-class Sampling:
-    """Per-turn generation settings; the defaults are the official chat's."""
+def settings_from_args(args: argparse.Namespace):
+    """The GenerationConfig of the sampling options (the official chat's defaults)."""
+    from glm.generation import GenerationConfig
 
-    max_length: int = 2048
-    greedy: bool = False
-    top_p: float = 0.7
-    temperature: float = 0.95
-    top_k: int = 50
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Sampling:
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
-
-    def describe(self) -> str:
-        return (f"max-length {self.max_length}, top-p {self.top_p}, temperature {self.temperature}, "
-                f"top-k {self.top_k}, repetition-penalty {self.repetition_penalty}, "
-                f"greedy {'on' if self.greedy else 'off'}, seed {'none' if self.seed is None else self.seed}")
+    return GenerationConfig(max_length=args.max_length, do_sample=not args.greedy, top_p=args.top_p,
+                            temperature=args.temperature, top_k=args.top_k,
+                            repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
+def describe(c) -> str:
+    """A GenerationConfig's settings as the option names say them."""
+    return (f"max-length {c.max_length}, top-p {c.top_p}, temperature {c.temperature}, top-k {c.top_k}, "
+            f"repetition-penalty {c.repetition_penalty}, greedy {'off' if c.do_sample else 'on'}, "
+            f"seed {'none' if c.seed is None else c.seed}")
+
+
+def bind_error(host: str, port: int | None) -> str | None:
+    """Why a server could not listen on host:port (port None: any), as one line; None when it can."""
+    import errno
+    import socket
+
+    try:
+        fam, typ, proto, _, addr = socket.getaddrinfo(host, port or 0, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        return f"unknown address {host!r} ({e}): use 127.0.0.1, 0.0.0.0 or an address of this machine"
+    with socket.socket(fam, typ, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is taken: choose another with --port"
+            return f"cannot listen on {host}: {e.strerror}: use 127.0.0.1, 0.0.0.0 or an address of this machine"
+    return None

@@ -1,8 +1,9 @@
 """`glm-web`: a Gradio chat page for ChatGLM-6B.
 
-Each browser session keeps its own history (server-side `gr.State`); all sessions share one model, and the
-chat event runs one reply at a time (a queue with concurrency 1), so conversations never mix. Stop cancels the
-running reply; what it had written stays, in the page and in the history.
+Each browser session keeps its own history (server-side `gr.State`); all sessions share one model, whose
+scheduler decodes their replies together in one batch (`--max-batch` rows), each as if alone. Messages sent while
+a reply streams wait in the session's inbox and are answered in order. Stop cancels the running reply (and what
+waits behind it); what it had written stays, in the page and in the history.
 
 Gradio is imported only here (and only when the app is built), so `import glm` never pulls it in.
 """
@@ -10,23 +11,25 @@ Gradio is imported only here (and only when the app is built), so `import glm` n
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import threading
 import time
-from dataclasses import replace
+from collections import deque
 
-from glm.cli import fit_turn, stream_reply
 from glm.options import (
     ArgumentParser,
     CLIError,
-    Sampling,
     add_model_args,
     add_sampling_args,
+    bind_error,
     check_model_args,
+    count_type,
     is_oom,
     load_from_args,
     model_name,
+    settings_from_args,
     summary,
 )
 
@@ -55,6 +58,8 @@ def build_parser(prog: str = "glm-web") -> ArgumentParser:
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for the network)")
     g.add_argument("--port", type=_port, default=None, help="port (default: 7860, or the next free one)")
     g.add_argument("--share", action="store_true", help="also open a public *.gradio.live link (off by default)")
+    g.add_argument("--max-batch", type=count_type(1, 256), default=4, metavar="N",
+                   help="replies decoded together, one cache row each (default: 4)")
     add_model_args(p)
     add_sampling_args(p)
     return p
@@ -70,44 +75,75 @@ def _messages(transcript: History) -> list[dict]:
     return out
 
 
+log = logging.getLogger("glm.web")
+
+
 class ChatBackend:
     """The model side of the page, independent of Gradio so that it can be tested as plain Python.
 
     Per session there are two lists: `history`, what the model is shown (oldest rounds dropped to fit
-    max_length), and `transcript`, everything the page shows.
+    max_length), and `transcript`, everything the page shows; and an inbox of messages sent while a reply streams.
     """
 
-    def __init__(self, m, sampling: Sampling, delay_ms: int = 0):
-        self.m = m
-        self.defaults = sampling
-        self.delay = delay_ms / 1000
-        # The chat event's concurrency limit already runs one reply at a time; this lock also covers a reply that
-        # Stop abandoned while one of its steps was still running in a worker thread.
-        self.lock = threading.Lock()
+    MAX_QUEUED = 8  # messages a session may have waiting behind its running reply
 
-    def sampling(self, max_length, top_p, temperature) -> Sampling:
-        return replace(self.defaults, max_length=int(max_length), top_p=float(top_p), temperature=float(temperature))
+    def __init__(self, m, settings, delay_ms: int = 0):
+        self.m = m
+        self.defaults = settings  # a GenerationConfig: the option defaults, of which the page sets three
+        self.delay = delay_ms / 1000
+        self._inbox: dict[str, deque[str]] = {}
+        self._lock = threading.Lock()
+
+    def settings(self, max_length, top_p, temperature):
+        return self.defaults.replace(max_length=int(max_length), top_p=float(top_p), temperature=float(temperature))
+
+    # -- the inbox of each session
+
+    def enqueue(self, session: str, query: str) -> bool:
+        """Queue a message; False when the session already has MAX_QUEUED waiting."""
+        with self._lock:
+            box = self._inbox.setdefault(session, deque())
+            if len(box) >= self.MAX_QUEUED:
+                return False
+            box.append(query)
+            return True
+
+    def next_message(self, session: str) -> str | None:
+        with self._lock:
+            box = self._inbox.get(session)
+            if not box:
+                self._inbox.pop(session, None)
+                return None
+            return box.popleft()
+
+    def waiting(self, session: str) -> list[str]:
+        with self._lock:
+            return list(self._inbox.get(session, ()))
+
+    def forget(self, session: str) -> None:
+        with self._lock:
+            self._inbox.pop(session, None)
+
+    # -- replies
 
     def respond(self, query: str, history: History, transcript: History, max_length, top_p, temperature,
                 notify=None):
         """Yield (history, transcript) as the reply grows. Raises glm.GenerationError for a query too long."""
+        from glm.chat import fit_turn, stream_reply
+
         history, transcript = list(history or []), list(transcript or [])
-        s = self.sampling(max_length, top_p, temperature)
-        kept, dropped = fit_turn(self.m.tokenizer, query, history, s.max_length)
+        s = self.settings(max_length, top_p, temperature)
+        kept, dropped = fit_turn(self.m, query, history, s.max_length)
         if dropped and notify is not None:
             what = "The oldest round of this conversation no longer fits" if dropped == 1 else (
                 f"The {dropped} oldest rounds of this conversation no longer fit")
-            notify(f"{what} max length {s.max_length}: the model does not see {'it' if dropped == 1 else 'them'} "
-                   "any more (the page still shows everything).")
+            notify(f"{what} max length {min(s.max_length, self.m.max_context)}: the model does not see "
+                   f"{'it' if dropped == 1 else 'them'} any more (the page still shows everything).")
         # The page shows the question at once, before the first token, which can take a while on a big model.
         yield history, transcript + [(query, None)]
         stream = stream_reply(self.m, query, kept, s)
         try:
-            while True:
-                with self.lock:
-                    reply = next(stream, None)
-                if reply is None:
-                    return
+            for reply in stream:
                 yield kept + [(query, reply)], transcript + [(query, reply)]
                 if self.delay:
                     time.sleep(self.delay)
@@ -122,22 +158,58 @@ def build_app(backend: ChatBackend, title: str = "ChatGLM-6B", subtitle: str = "
 
     d = backend.defaults
 
-    def chat(query, max_length, top_p, temperature, history, transcript):
-        if not query or not query.strip():
-            yield _messages(transcript or []), history, transcript
-            return
+    def error(msg: str):
+        log.warning("%s", msg)  # one line in the server's log, not a traceback: an expected error
+        return gr.Error(msg, print_exception=False)
+
+    def reply(query, settings, history, transcript, waiting=()):
+        """(chatbot, history, transcript) as the reply to one message grows; messages waiting are shown too."""
+        pending = [(q, None) for q in waiting]
         try:
-            for history, transcript in backend.respond(query, history, transcript, max_length, top_p, temperature,
-                                                       notify=gr.Info):
-                yield _messages(transcript), history, transcript
+            for history, transcript in backend.respond(query, history, transcript, *settings, notify=gr.Info):
+                yield _messages(transcript + pending), history, transcript
         except glm.GenerationError as e:
-            raise gr.Error(str(e)) from None
+            raise error(str(e)) from None
         except (MemoryError, RuntimeError) as e:
             if not is_oom(e):
                 raise
-            raise gr.Error("Out of memory: lower the maximum length, or restart glm-web with --quant 4.") from None
+            raise error("Out of memory: lower the maximum length, or restart glm-web with --quant 4.") from None
 
-    def clear():  # the conversation, not a message being typed
+    def chat(query, max_length, top_p, temperature, history, transcript):
+        """The /chat API: one message, one reply."""
+        if not query or not query.strip():
+            yield _messages(transcript or []), history, transcript
+            return
+        yield from reply(query, (max_length, top_p, temperature), history, transcript)
+
+    def take(query, request: gr.Request):
+        """Out of the box and into the session's inbox, at once, also while a reply streams."""
+        if not query or not query.strip():
+            return ""
+        if not backend.enqueue(request.session_hash, query):
+            gr.Warning(f"{backend.MAX_QUEUED} messages are already waiting for this reply: send this one later.")
+            return query  # stays in the box, nothing is lost
+        return ""
+
+    def answer_inbox(max_length, top_p, temperature, history, transcript, request: gr.Request):
+        """Answer the session's messages in the order they were sent, each once."""
+        session = request.session_hash
+        while (query := backend.next_message(session)) is not None:
+            out = None
+            try:
+                for out in reply(query, (max_length, top_p, temperature), history, transcript,
+                                 backend.waiting(session)):
+                    yield out
+            except gr.Error as e:
+                gr.Warning(e.message)  # this message fails; the ones behind it are still answered
+            if out is not None:
+                _, history, transcript = out
+
+    def stop(request: gr.Request):
+        backend.forget(request.session_hash)  # Stop also drops what waits behind the reply
+
+    def clear(request: gr.Request):  # the conversation, not a message being typed
+        backend.forget(request.session_hash)
         return [], [], []
 
     with gr.Blocks(title=title, fill_height=True) as demo:
@@ -150,7 +222,7 @@ def build_app(backend: ChatBackend, title: str = "ChatGLM-6B", subtitle: str = "
                              max_lines=10, scale=8, elem_id="msg", autofocus=True)
             send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
         with gr.Row():
-            stop = gr.Button("Stop", scale=1, elem_id="stop")
+            stop_btn = gr.Button("Stop", scale=1, elem_id="stop")
             clear_btn = gr.Button("Clear", scale=1, elem_id="clear")
         with gr.Row():
             max_length = gr.Slider(1, max(4096, d.max_length), value=d.max_length, step=1,
@@ -161,23 +233,20 @@ def build_app(backend: ChatBackend, title: str = "ChatGLM-6B", subtitle: str = "
         history = gr.State([])  # what the model sees, per browser session
         transcript = gr.State([])  # what the page shows, per browser session
 
-        pending = gr.State("")  # the message just sent, between the two steps below
         api_query = gr.Textbox(visible=False)  # the message of the /chat API, whose clients have no box to empty
 
-        # Step 1, at once and outside the queue: take the message out of the box, so that the box is free for the
-        # next one while the reply streams. (Gradio runs the listeners of one trigger one after another, so this
-        # cannot be a second listener beside the chat: it would run only once the reply is complete.)
-        take = gr.on([msg.submit, send.click], lambda q: ("", q), [msg], [msg, pending], queue=False,
-                     api_name=False, show_progress="hidden")
-        # Step 2, queued: the reply. Every chat event shares one concurrency slot ("model"): one reply at a time,
-        # across all sessions and the API.
-        run = take.then(chat, [pending, max_length, top_p, temperature, history, transcript],
-                        [chatbot, history, transcript], api_name=False, concurrency_limit=1, concurrency_id="model",
-                        show_progress="minimal")
+        # Step 1, at once and outside the queue: the message goes from the box to the session's inbox, so that the
+        # box is free for the next one while a reply streams.
+        take_ev = gr.on([msg.submit, send.click], take, [msg], [msg], queue=False, api_name=False,
+                        show_progress="hidden")
+        # Step 2, queued: answer the inbox. A message sent while this runs is answered by this run or, sent as it
+        # ends, by the one run "always_last" keeps pending: every message is answered once, in order.
+        run = take_ev.then(answer_inbox, [max_length, top_p, temperature, history, transcript],
+                           [chatbot, history, transcript], api_name=False, trigger_mode="always_last",
+                           concurrency_id="model", show_progress="minimal")
         api_query.submit(chat, [api_query, max_length, top_p, temperature, history, transcript],
-                         [chatbot, history, transcript], api_name="chat", concurrency_limit=1,
-                         concurrency_id="model")
-        stop.click(None, None, None, cancels=[run], api_name=False)
+                         [chatbot, history, transcript], api_name="chat", concurrency_id="model")
+        stop_btn.click(stop, None, None, cancels=[run], api_name=False, queue=False)
         clear_btn.click(clear, None, [chatbot, history, transcript], cancels=[run], api_name="clear")
     return demo
 
@@ -192,17 +261,22 @@ def main(argv: list[str] | None = None, prog: str = "glm-web") -> int:
         print(f"{prog}: error: the web page needs Gradio: pip install 'gradio>=6,<7' (or: pip install 'glm[web]')",
               file=sys.stderr)
         return 1
+    why = bind_error(args.host, args.port)  # before loading, which can take minutes
+    if why:
+        print(f"{prog}: error: {why}", file=sys.stderr)
+        return 1
     try:
-        m = load_from_args(args)
+        m = load_from_args(args, max_batch=args.max_batch)
     except CLIError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    backend = ChatBackend(m, Sampling.from_args(args), delay_ms=args.delay_ms)
+    backend = ChatBackend(m, settings_from_args(args), delay_ms=args.delay_ms)
     demo = build_app(backend, subtitle=summary(m, model_name(args.model)).removeprefix("glm: "))
-    # max_size bounds the waiting line: past it a new request is refused at once instead of waiting for minutes.
-    demo.queue(default_concurrency_limit=1, max_size=64)
+    # One reply per cache row at a time (the scheduler batches them); max_size bounds the waiting line: past it a
+    # new request is refused at once instead of waiting for minutes.
+    demo.queue(default_concurrency_limit=args.max_batch, max_size=64)
     try:
         # quiet: Gradio's own banner tells users to edit launch(); ours names the options of this command.
         _, local_url, share_url = demo.launch(

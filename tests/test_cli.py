@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from glm import cli
-from glm.chat import build_prompt, fit_history
+from glm.chat import build_prompt, fit_history, fit_turn, reply_reserve, stream_reply
+from glm.generation import GenerationConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "fixtures" / "chatglm-tiny"
@@ -27,6 +28,10 @@ FIRST = TURNS[0]  # 你好 at max_length 44; the same reply comes at 2048, where
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 pexpect = pytest.importorskip("pexpect")
+
+
+# The official chat's settings, greedy (as --greedy).
+GREEDY = GenerationConfig(max_length=2048, do_sample=False, top_p=0.7, temperature=0.95)
 
 
 def env(**extra) -> dict:
@@ -218,12 +223,14 @@ def test_error_cuda_without_cuda():
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--top-p", "1.5"], "argument --top-p: must be in (0, 1]"),
+    (["--top-p", "1.5"], "argument --top-p: must be a number in (0, 1]"),
     (["--top-p", "nan"], "argument --top-p: expected a number"),
     (["--max-length", "0"], "argument --max-length: must be a positive"),
-    (["--temperature", "-1"], "argument --temperature: must be >= 0"),
+    (["--temperature", "-1"], "argument --temperature: must be a number >= 0"),
+    (["--seed", "99999999999999999999999"], "argument --seed: expected an integer in [0, 2**64)"),
+    (["--max-context", "1"], "argument --max-context: expected an integer in [2, 1048576]"),
     (["--top-k", "x"], "argument --top-k: expected an integer"),
-    (["--repetition-penalty", "0"], "argument --repetition-penalty: must be > 0"),
+    (["--repetition-penalty", "0"], "argument --repetition-penalty: must be a number > 0"),
     (["--quant", "3"], "argument --quant: invalid choice"),
     (["--group-size", "64"], "--group-size applies to --quant 4 only"),
     (["--dtype", "float64"], "argument --dtype: invalid choice"),
@@ -252,14 +259,16 @@ def test_error_out_of_memory_while_loading(monkeypatch, capsys):
 def test_out_of_memory_while_generating_keeps_the_session(chatglm_tiny, monkeypatch):
     import torch
 
+    import glm.chat
+
     def oom(*a, **k):
         yield "partial"
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     out, err = io.StringIO(), io.StringIO()
-    chat = cli.Chat(chatglm_tiny, cli.Sampling(greedy=True), out=out, err=err)
+    chat = cli.Chat(chatglm_tiny, GREEDY, out=out, err=err)
     with monkeypatch.context() as mp:
-        mp.setattr(cli, "stream_reply", oom)
+        mp.setattr(glm.chat, "stream_reply", oom)
         assert chat.answer("你好") is False
     assert "out of memory while generating" in err.getvalue() and "--quant 4" in err.getvalue()
     assert chat.history == []
@@ -274,7 +283,7 @@ def test_long_conversation_stays_within_max_length_and_drops_whole_rounds(chatgl
     """A conversation four times longer than --max-length: every turn fits, and only whole rounds go."""
     tok, L = chatglm_tiny.tokenizer, 160
     queries = [t["query"] for t in TURNS[:4]] * 2
-    reserve = cli.reply_reserve(L)
+    reserve = reply_reserve(L)
     assert reserve == 20  # documented: max_length // 8, at most 256
 
     # What the CLI must do, computed here from the engine's own pieces.
@@ -301,21 +310,21 @@ def test_long_conversation_stays_within_max_length_and_drops_whole_rounds(chatgl
 def test_golden_turns_are_untouched_by_the_reserve(chatglm_tiny):
     for t in TURNS:
         history = [tuple(h) for h in t["history"]]
-        assert cli.fit_turn(chatglm_tiny.tokenizer, t["query"], history, t["max_length"]) == (history, 0)
+        assert fit_turn(chatglm_tiny, t["query"], history, t["max_length"]) == (history, 0)
 
 
 def test_stream_reply_is_stream_chat_then_chat(chatglm_tiny):
     """Intermediate values are the official stream's; the last one is exactly chat's reply."""
     for t in TURNS[:4]:
         history = [tuple(h) for h in t["history"]]
-        s = cli.Sampling(max_length=t["max_length"], greedy=True)
-        values = list(cli.stream_reply(chatglm_tiny, t["query"], history, s))
+        s = GREEDY.replace(max_length=t["max_length"])
+        values = list(stream_reply(chatglm_tiny, t["query"], history, s))
         assert values[:-1] == t["stream"] and values[-1] == t["response"]
 
 
 def test_query_too_long_is_a_message(chatglm_tiny):
     out, err = io.StringIO(), io.StringIO()
-    chat = cli.Chat(chatglm_tiny, cli.Sampling(greedy=True, max_length=16), out=out, err=err, prog="glm-chat")
+    chat = cli.Chat(chatglm_tiny, GREEDY.replace(max_length=16), out=out, err=err, prog="glm-chat")
     assert chat.answer("你好" * 40) is False
     assert err.getvalue().startswith("glm-chat: error: the message is") and "max_length=16" in err.getvalue()
     assert out.getvalue() == ""
@@ -382,7 +391,7 @@ def test_nan_logits_give_one_line_and_keep_the_session():
     m = glm.load(TINY)
     m.model.final_layernorm.weight.data.fill_(float("nan"))  # every score NaN: the official fallback fires
     out, err = io.StringIO(), io.StringIO()
-    chat = cli.Chat(m, cli.Sampling(greedy=True, max_length=12), out=out, err=err)
+    chat = cli.Chat(m, GREEDY.replace(max_length=12), out=out, err=err)
     assert chat.answer("你好") is True
     lines = err.getvalue().strip().splitlines()
     assert len(lines) == 1 and "NaN/inf" in lines[0] and "--dtype bfloat16" in lines[0]

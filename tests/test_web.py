@@ -176,7 +176,7 @@ def test_web_error_is_one_line(tmp_path):
 def test_backend_drops_old_rounds_but_the_page_keeps_them(chatglm_tiny):
     from glm.web import ChatBackend
 
-    backend = ChatBackend(chatglm_tiny, cli.Sampling(greedy=True))
+    backend = ChatBackend(chatglm_tiny, cli.settings_from_args(cli.build_parser().parse_args(["--greedy"])))
     notes, history, transcript = [], [], []
     for t in TURNS[:4]:
         for history, transcript in backend.respond(t["query"], history, transcript, 120, 0.7, 0.95,
