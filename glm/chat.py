@@ -163,20 +163,35 @@ def chat(engine, query: str, history: History | None = None, max_length: int = 2
 
 
 class SettledText:
-    """Turns successive replies (each `process_response` of the text so far) into append-only deltas, for a
-    terminal or a server stream whose deltas must add up to the final reply.
+    """Turns successive texts of one reply (each the whole reply so far) into append-only deltas, for a terminal
+    or a server stream whose deltas must add up to the final reply.
 
-    `process_response` can still change the tail of a reply (a ',' becomes '，' once a CJK character follows;
-    trailing spaces are stripped; '[[训练时间]]' is replaced), so that tail is held back until it is settled.
+    `process_response` can still change the tail of a chat reply (a ',' becomes '，' once a CJK character
+    follows; trailing spaces are stripped; '[[训练时间]]' is replaced), so that tail is held back until it is
+    settled; with `stop` strings, so is a tail that may grow into one, and the reply ends before the first.
     """
 
     _HOLD = re.compile(r"(\s+|[,!:;?]|\[\[?[训练时间\]]*)$")
 
-    def __init__(self):
+    def __init__(self, stop: tuple[str, ...] = (), chat: bool = True):
         self.sent = ""
+        self.stop = tuple(stop)
+        self.chat = chat  # hold back what process_response may still change
+
+    def cut(self, text: str) -> str:
+        """`text` up to the first stop string."""
+        hits = [text.index(s) for s in self.stop if s in text]
+        return text[: min(hits)] if hits else text
 
     def update(self, reply: str) -> str:
-        stable = self._HOLD.sub("", reply)
+        stable = self.cut(reply)
+        if self.chat:
+            stable = self._HOLD.sub("", stable)
+        for s in self.stop:  # a tail that may still become a stop string
+            for n in range(min(len(s) - 1, len(stable)), 0, -1):
+                if stable.endswith(s[:n]):
+                    stable = stable[:-n]
+                    break
         if not stable.startswith(self.sent):
             return ""
         delta, self.sent = stable[len(self.sent):], stable
@@ -184,6 +199,7 @@ class SettledText:
 
     def finish(self, reply: str) -> str:
         """The rest of the final reply; if the sent text diverged (rare), a newline and the whole reply."""
+        reply = self.cut(reply)
         if reply.startswith(self.sent):
             delta = reply[len(self.sent):]
         else:

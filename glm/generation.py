@@ -324,7 +324,7 @@ class Result:
 class Request:
     """One prompt on its way through the scheduler. Iterate it for the new ids; `result` once it has ended."""
 
-    def __init__(self, prompt: list[int], config: GenerationConfig, budget: int, logits_hook=None):
+    def __init__(self, prompt: list[int], config: GenerationConfig, budget: int, logits_hook=None, sink=None):
         self.prompt = prompt
         self.config = config
         self.budget = budget
@@ -336,6 +336,8 @@ class Request:
         self.arrived = time.perf_counter()
         self.first_token_at: float | None = None
         self._events: queue.SimpleQueue = queue.SimpleQueue()
+        # Where events go: this queue (for iteration), or a callable of the caller's (an asyncio server's).
+        self._put = sink if sink is not None else self._events.put
         self._cancel = threading.Event()
         self._scheduler: Scheduler | None = None
         self._stop_text = None  # (StreamDecoder, text) when the request has stop strings
@@ -372,16 +374,16 @@ class Request:
         self.tokens.append(tok)
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        self._events.put(tok)
+        self._put(tok)
 
     def _finish(self, reason: str, stop: str | None = None) -> None:
         self.result = Result(self.tokens, len(self.prompt), reason, stop, self.nan)
-        self._events.put(None)
+        self._put(None)
 
     def _fail(self, e: BaseException) -> None:
         self.error = e
         self.result = Result(self.tokens, len(self.prompt), "error", None, self.nan)
-        self._events.put(e)
+        self._put(e)
 
 
 # ---------------------------------------------------------------------------------------------------- scheduler
@@ -433,8 +435,13 @@ class Scheduler:
     def n_waiting(self) -> int:
         return len(self.waiting)
 
-    def submit(self, prompt, config: GenerationConfig, logits_hook=None) -> Request:
-        """Queue one prompt; raises GenerationError for a bad prompt or setting, QueueFull when full."""
+    def submit(self, prompt, config: GenerationConfig, logits_hook=None, sink=None) -> Request:
+        """Queue one prompt; raises GenerationError for a bad prompt or setting, QueueFull when full.
+
+        Events (each new id, then None at the end, or the exception that ended it) are read by iterating the
+        Request, or handed to `sink(event)` from the scheduler's thread when given (then the Request is not
+        iterable).
+        """
         if not isinstance(config, GenerationConfig):
             raise GenerationError(f"config must be a GenerationConfig, got {type(config).__name__}")
         prompt = check_ids(prompt, self.model.config)
@@ -448,7 +455,7 @@ class Scheduler:
             )
         if config.stop and self.tokenizer is None:
             raise GenerationError("stop strings need a tokenizer: load a checkpoint with ice_text.model")
-        req = Request(prompt, config, int(min(budget, room)), logits_hook)
+        req = Request(prompt, config, int(min(budget, room)), logits_hook, sink)
         req._scheduler = self
         with self._cv:
             if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
