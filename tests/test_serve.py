@@ -1,0 +1,312 @@
+"""glm-serve as a real process on 127.0.0.1, driven by the official `openai` client (and raw HTTP for the edges).
+
+Every reply is checked against the engine answering the same request alone, in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tests" / "fixtures" / "chatglm-tiny"
+TURNS = json.loads((TINY / "golden.json").read_text())["chat"]
+NAME = "chatglm-tiny"
+QUERIES = ["你好", "晚上睡不着应该怎么办", "Tell me more, please.", "1 + 1 = ?", "写一首诗", "hello world",
+           "什么是机器学习", "How are you?"]
+
+
+class Server:
+    """`python -m glm.serve` in its own process group on a free port of 127.0.0.1; `stop` always kills it."""
+
+    def __init__(self, *args: str, log: Path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        with open(log, "wb") as f:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "glm.serve", "--model", str(TINY), "--port", str(self.port), *args],
+                cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+
+    def wait(self, timeout: float = 90) -> Server:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"glm-serve exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"glm-serve did not answer in {timeout} s:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+    def client(self, key: str = "none", **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120, **kw)
+
+    def metrics(self) -> dict[str, float]:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return {m[1]: float(m[2]) for m in re.finditer(r"^([a-z_]+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server("--max-batch", "4", "--max-waiting", "64", log=tmp_path_factory.mktemp("serve") / "server.log")
+    try:
+        yield srv.wait()
+    finally:
+        srv.stop()
+
+
+def solo(m, query: str, max_tokens: int, history=(), **kw) -> tuple[str, str]:
+    """(reply, finish_reason) of the engine alone: what the server must answer."""
+    from glm.chat import build_prompt, process_response
+
+    ids = m.tokenizer.encode(build_prompt(query, list(history)))
+    out = m.generate(ids, max_tokens, **kw)
+    reason = "stop" if out and out[-1] == m.config.eos_token_id else "length"
+    return process_response(m.tokenizer.decode(out)), reason
+
+
+def ask(client, query: str, max_tokens: int, stream: bool, history=(), **kw) -> tuple[str, str, dict | None]:
+    messages = []
+    for q, r in history:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
+    messages.append({"role": "user", "content": query})
+    if not stream:
+        r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=max_tokens, temperature=0, **kw)
+        return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.model_dump()
+    text, reason, usage = "", None, None
+    for chunk in client.chat.completions.create(model=NAME, messages=messages, max_tokens=max_tokens, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}, **kw):
+        if chunk.usage is not None:
+            usage = chunk.usage.model_dump()
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            reason = c.finish_reason or reason
+    return text, reason, usage
+
+
+def test_golden_turns_through_the_api(server):
+    c = server.client()
+    for t in TURNS[:4]:
+        history = [tuple(h) for h in t["history"]]
+        n = t["max_length"] - len(t["prompt_ids"])
+        for stream in (False, True):
+            text, reason, usage = ask(c, t["query"], n, stream, history)
+            assert text == t["response"]
+            assert usage["prompt_tokens"] == len(t["prompt_ids"]) and usage["total_tokens"] <= t["max_length"]
+
+
+def test_sixteen_concurrent_requests_each_equal_to_alone(server, chatglm_tiny):
+    jobs = [(QUERIES[i % len(QUERIES)], 20 + 7 * i, i % 2 == 1) for i in range(16)]
+    expect = [solo(chatglm_tiny, q, n) for q, n, _ in jobs]
+    c = server.client()
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda j: ask(c, *j), jobs))
+    for (text, reason, usage), (want, want_reason), (_, n, _) in zip(got, expect, jobs):
+        assert (text, reason) == (want, want_reason)
+        assert usage["completion_tokens"] <= n
+    assert server.metrics()["glm_decode_batch_size_sum"] > server.metrics()["glm_decode_batch_size_count"]
+
+
+def test_staggered_arrivals(server, chatglm_tiny):
+    c = server.client()
+    jobs = [(QUERIES[i], 60, i % 2 == 0) for i in range(6)]
+    expect = [solo(chatglm_tiny, q, n)[0] for q, n, _ in jobs]
+
+    def later(i):
+        time.sleep(0.05 * i)
+        return ask(c, *jobs[i])[0]
+
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(later, range(6))) == expect
+
+
+def test_completions_and_sampling_settings(server, chatglm_tiny):
+    c = server.client()
+    r = c.completions.create(model=NAME, prompt="hello", max_tokens=12, temperature=0)
+    ids = chatglm_tiny.tokenizer.encode("hello")
+    assert r.choices[0].text == chatglm_tiny.tokenizer.decode(chatglm_tiny.generate(ids, 12))
+    assert r.usage.prompt_tokens == len(ids)
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(model=NAME, prompt="hello", max_tokens=12,
+                                                                         temperature=0, stream=True) if ch.choices)
+    assert streamed == r.choices[0].text
+    # A seeded sample is the same every time, alone or beside others; extensions top_k and repetition_penalty.
+    kw = dict(model=NAME, messages=[{"role": "user", "content": "你好"}], max_tokens=16, temperature=0.9, seed=7,
+              extra_body={"top_k": 20, "repetition_penalty": 1.1})
+    a = c.chat.completions.create(**kw).choices[0].message.content
+    with ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(lambda _: c.chat.completions.create(**kw).choices[0].message.content, range(3)))
+    assert outs == [a, a, a]
+
+
+def test_stop_strings(server, chatglm_tiny):
+    c = server.client()
+    full = ask(c, "你好", 40, False)[0]
+    stop = full[10:14]
+    for stream in (False, True):
+        text, reason, _ = ask(c, "你好", 40, stream, stop=[stop])
+        assert (text, reason) == (full[: full.index(stop)], "stop")
+
+
+def test_models_health_and_metrics(server):
+    assert [m.id for m in server.client().models.list()] == [NAME]
+    with urllib.request.urlopen(server.url + "/health", timeout=10) as r:
+        health = json.load(r)
+    assert health["status"] == "ok" and health["max_batch"] == 4
+    m = server.metrics()
+    for name in ("glm_requests_running", "glm_requests_waiting", "glm_decode_batch_size_count",
+                 "glm_generated_tokens_total", "glm_time_to_first_token_seconds_count"):
+        assert name in m
+
+
+def _post(server, path: str, body, headers=None) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(server.url + path, data=data, method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+MSG = [{"role": "user", "content": "你好"}]
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    (dict(model=NAME, messages=MSG, temperature=-1), 400, "'temperature' must be"),
+    (dict(model=NAME, messages=MSG, top_p=0), 400, "'top_p' must be"),
+    (dict(model=NAME, messages=MSG, top_p=1.5), 400, "'top_p' must be"),
+    (dict(model=NAME, messages=MSG, max_tokens=0), 400, "'max_tokens' must be"),
+    (dict(model=NAME, messages=MSG, max_tokens="many"), 400, "'max_tokens' must be"),
+    (dict(model=NAME, messages=MSG, seed=-3), 400, "'seed' must be"),
+    (dict(model=NAME, messages=MSG, stop=[""]), 400, "'stop' must be"),
+    (dict(model=NAME, messages=MSG, n=2), 400, "'n' must be"),
+    (dict(model=NAME, messages=[]), 400, "'messages' must be a non-empty list"),
+    (dict(model=NAME), 400, "'messages' must be a non-empty list"),
+    (dict(model=NAME, messages=[{"role": "assistant", "content": "hi"}]), 400, "must alternate user and assistant"),
+    (dict(model=NAME, messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]), 400,
+     "must alternate"),
+    (dict(model=NAME, messages=[{"role": "tool", "content": "a"}]), 400, "role of system, user or assistant"),
+    (dict(model=NAME, messages=[{"role": "user", "content": 5}]), 400, "content must be a string"),
+    (dict(model=NAME, messages=MSG, max_tokens=2046), 400, "over the context of 2048 tokens by 2"),
+    (dict(model="gpt-4", messages=MSG), 404, "does not exist"),
+    (dict(messages=MSG), 400, "'model' is required"),
+    (b"{not json", 400, "not valid JSON"),
+    ([1, 2], 400, "must be a JSON object"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_errors_are_openai_style_and_the_server_goes_on(server, body, status, needle):
+    code, out = _post(server, "/v1/chat/completions", body)
+    assert code == status and needle in out["error"]["message"], out
+    assert set(out["error"]) >= {"message", "type", "code"}
+    assert ask(server.client(), "你好", 4, False)[1] in ("stop", "length")
+
+
+def test_prompt_over_the_context_is_400_through_the_client(server):
+    with pytest.raises(openai.BadRequestError, match="over the context"):
+        server.client().completions.create(model=NAME, prompt="很长的问题 " * 500, max_tokens=1000)
+
+
+def test_a_dropped_stream_frees_its_row(tmp_path):
+    srv = Server("--max-batch", "2", "--delay-ms", "20", log=tmp_path / "server.log").wait()
+    try:
+        req = urllib.request.Request(srv.url + "/v1/chat/completions", method="POST",
+                                     headers={"Content-Type": "application/json"},
+                                     data=json.dumps(dict(model=NAME, messages=MSG, max_tokens=2000,
+                                                          temperature=0, stream=True)).encode())
+        r = urllib.request.urlopen(req, timeout=30)
+        for _ in range(3):
+            r.readline()  # the reply has started
+        assert srv.metrics()["glm_requests_running"] == 1
+        r.close()  # the client goes away mid-reply
+        deadline = time.monotonic() + 10
+        while srv.metrics()["glm_requests_running"] != 0:
+            assert time.monotonic() < deadline, "the dropped request kept its row"
+            time.sleep(0.1)
+        assert ask(srv.client(), "你好", 4, False)[1] in ("stop", "length")  # and the row serves the next one
+    finally:
+        srv.stop()
+
+
+def test_api_key_and_full_queue(tmp_path):
+    srv = Server("--api-key", "s3cret", "--max-batch", "1", "--max-waiting", "1", "--delay-ms", "20",
+                 log=tmp_path / "server.log").wait()
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            srv.client().models.list()
+        with pytest.raises(openai.AuthenticationError):
+            srv.client("wrong").chat.completions.create(model=NAME, messages=MSG, max_tokens=2)
+        c = srv.client("s3cret")
+        assert [m.id for m in c.models.list()] == [NAME]
+        # One request decodes, one waits: a third is refused at once with 429, and the first two complete.
+        results, errors = [], []
+
+        def long_one():
+            try:
+                results.append(ask(c, "你好", 60, False)[1])
+            except openai.RateLimitError as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=long_one) for _ in range(2)]
+        for t in threads:
+            t.start()
+            time.sleep(0.3)
+        with pytest.raises(openai.RateLimitError, match="busy"):
+            c.chat.completions.create(model=NAME, messages=MSG, max_tokens=2)
+        for t in threads:
+            t.join(60)
+        assert len(results) == 2 and not errors
+    finally:
+        srv.stop()
+
+
+def test_load_64_requests_16_at_a_time(server, chatglm_tiny):
+    """A bounded loopback load test: every request answered, nothing lost or mixed."""
+    jobs = [(QUERIES[i % len(QUERIES)] + f" #{i}", 8 + i % 24, i % 3 == 0) for i in range(64)]
+    expect = [solo(chatglm_tiny, q, n)[0] for q, n, _ in jobs]
+    c = server.client()
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda j: ask(c, *j)[0], jobs))
+    assert time.monotonic() - t0 < 300
+    assert got == expect
+    assert server.metrics()["glm_requests_running"] == 0
+
+
+def test_bind_errors_are_one_line():
+    r = subprocess.run([sys.executable, "-m", "glm.serve", "--model", str(TINY), "--host", "203.0.113.7"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert "cannot listen on 203.0.113.7" in r.stderr
