@@ -190,6 +190,7 @@ def create_app(m, name: str, api_key: str | None = None, delay_ms: int = 0):
         if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)
                                  or len(stop) > 16):
             raise APIError(400, "'stop' must be a string or a list of up to 16 non-empty strings", param="stop")
+        ignore_eos = _field(body, "ignore_eos", bool, False, what="true or false")  # ours: fixed-length replies
         stream = _field(body, "stream", bool, False, what="true or false")
         opts = _field(body, "stream_options", dict, {}, what="an object")
         usage = _field(opts, "include_usage", bool, False, what="true or false")
@@ -197,7 +198,7 @@ def create_app(m, name: str, api_key: str | None = None, delay_ms: int = 0):
             config = GenerationConfig(max_new_tokens=max_tokens, do_sample=temperature > 0,
                                       temperature=float(temperature) if temperature > 0 else 1.0,
                                       top_p=float(top_p), top_k=top_k, repetition_penalty=float(penalty),
-                                      seed=seed, stop=tuple(stop or ()))
+                                      seed=seed, stop=tuple(stop or ()), stop_at_eos=not ignore_eos)
         except GenerationError as e:
             raise APIError(400, str(e)) from None
         return config, stream, usage

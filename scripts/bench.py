@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from glm.config import GLMConfig  # noqa: E402
-from glm.generation import Decoder, SamplingConfig, generate_stream  # noqa: E402
+from glm.generation import GenerationConfig, Scheduler  # noqa: E402
 from glm.model import GLM  # noqa: E402
 
 
@@ -163,16 +163,21 @@ def random_prompts(cfg: GLMConfig, batch: int, length: int, seed: int = 0) -> li
             for _ in range(batch)]
 
 
-def timed_generate(model, prompts, new_tokens, decoder) -> tuple[float, float]:
-    """(prefill seconds, decode seconds per token) of one greedy generation."""
-    device = model.device
-    sync(device)
+def timed_generate(model, prompts, new_tokens, sched=None) -> tuple[float, float]:
+    """(prefill seconds, decode seconds per token) of one greedy generation of every prompt as one batch.
+
+    `sched` carries caches (and a compiled step) from one call to the next; None: fresh caches (the naive run).
+    """
+    sched = sched or Scheduler(model, max_batch=len(prompts), max_context=max(map(len, prompts)) + new_tokens)
+    config = GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False)
+    sync(model.device)
     t0 = time.perf_counter()
+    reqs = [sched.submit(p, config) for p in prompts]
     stamps = []
-    for _ in generate_stream(model, prompts, max_new_tokens=new_tokens, sampling=SamplingConfig(),
-                             stop_at_eos=False, decoder=decoder):
-        sync(device)
-        stamps.append(time.perf_counter())
+    for _ in reqs[-1]:  # the last one admitted: its first token comes once every prompt is prefilled
+        stamps.append(time.perf_counter())  # (each token is read back from the device: no sync needed)
+    for r in reqs:
+        r.wait()
     prefill = stamps[0] - t0
     per_token = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
     return prefill, per_token
@@ -193,14 +198,14 @@ def bench_mode(cfg, device, dtype, quant, group_size, args, bandwidth) -> dict:
     loaded = current_memory(device)
     reset_peak(device)  # the peak of serving this model, not of building it from random float weights
     prompts = random_prompts(cfg, args.batch, args.prompt)
-    dec = Decoder(model, compile=args.compile)
+    dec = Scheduler(model, max_batch=args.batch, max_context=args.prompt + args.new, compile=args.compile)
     warm = min(8, args.new)
     timed_generate(model, prompts, warm, dec)  # warm-up (and compilation)
     prefill, per_tok = timed_generate(model, prompts, args.new, dec)
     naive_prefill, naive_tok = (None, None)
     if not args.no_naive:
-        timed_generate(model, prompts, warm, Decoder(model))
-        naive_prefill, naive_tok = timed_generate(model, prompts, args.new, None)  # eager, fresh caches
+        timed_generate(model, prompts, warm)
+        naive_prefill, naive_tok = timed_generate(model, prompts, args.new)  # eager, fresh caches
     wbytes = weight_bytes_per_token(model)
     ctx = args.prompt + args.new // 2  # mean context during decode
     step_bytes = wbytes + kv_bytes_per_token(cfg, dtype, ctx, args.batch)
@@ -312,7 +317,7 @@ def memory_row(cfg, device, dtype, quant, group_size, args) -> dict:
     reset_peak(device)
     n = args.memory_context
     prompts = random_prompts(cfg, 1, n - 16)
-    timed_generate(model, prompts, 16, Decoder(model))
+    timed_generate(model, prompts, 16)
     row = {"device": device_name(device), "layers": cfg.num_layers, "dtype": str(dtype).removeprefix("torch."),
            "quant": f"int{quant}" + (f"-g{group_size}" if group_size else "") if quant else None,
            "context": n, "peak_mem_gb": round(peak_memory(device) / 1e9, 3), "date": time.strftime("%Y-%m-%d")}

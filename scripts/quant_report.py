@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import glm  # noqa: E402
 from glm.config import GLMConfig  # noqa: E402
-from glm.generation import Batch, full_mask  # noqa: E402
+from glm.generation import Batch  # noqa: E402
 from glm.quant import (  # noqa: E402
     dequantize,
     quantize_,
@@ -65,7 +65,7 @@ def quantized_copy(model, bits, group):
 @torch.inference_mode()
 def path_logits(model, ids: list[int]) -> torch.Tensor:
     batch = Batch.from_prompts([ids], model.config, model.device)
-    return model(batch.ids, batch.position_ids, full_mask(batch))[0]
+    return model(batch.ids, batch.position_ids, batch.mask())[0]
 
 
 def output_metrics(fp_model, prompt: list[int], steps: int) -> tuple[list[int], dict[str, tuple[float, float]]]:
