@@ -97,13 +97,17 @@ def resolve(model: str | os.PathLike = DEFAULT_MODEL, revision: str | None = Non
     Offline (`HF_HUB_OFFLINE=1`) a repo id resolves from the local Hugging Face cache only.
     """
     p = Path(os.path.expanduser(str(model)))
-    if p.is_dir():
-        return p
     s = str(model)
-    if p.exists():
+    try:
+        if p.is_dir():
+            return p
+        exists = p.exists()
+    except OSError as e:  # a name too long for the file system, a folder we may not look into
+        raise CheckpointError(f"cannot look at {s[:80]!r} ({e.strerror or e}): check the --model path") from None
+    if exists:
         raise CheckpointError(f"{p} is a file; --model takes a checkpoint folder or a Hub repo id")
     if not _REPO_ID.match(s):
-        raise CheckpointError(f"no such folder {s!r}, and it is not a Hub repo id like {DEFAULT_MODEL!r}")
+        raise CheckpointError(f"no such folder {s[:80]!r}, and it is not a Hub repo id like {DEFAULT_MODEL!r}")
     try:
         import huggingface_hub as hub
     except ImportError:  # pragma: no cover - a dependency

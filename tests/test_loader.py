@@ -400,3 +400,21 @@ def test_any_device_value_resolves_or_is_a_one_line_value_error(device):
 @pytest.mark.parametrize("device", ["xpu", "meta", "hpu", "cuda:x", "", "CPU", "mps:1", "cpu\n"])
 def test_unknown_devices_are_one_line_value_errors(device):
     assert "device" in refused(ValueError, resolve_device, device)
+
+
+@pytest.mark.parametrize("model", ["x" * 5000, "a\0b", "/dev/null", "no\udcffthing", "../" * 40 + "nowhere"],
+                         ids=["too-long", "nul", "device-file", "surrogate", "dotdot"])
+def test_odd_model_paths_are_checkpoint_errors(model):
+    refused(glm.CheckpointError, glm.load, model)
+
+
+@pytest.mark.parametrize("pre_seq_len,error,needle", [
+    (0, glm.ConfigError, "pre_seq_len"), ("6", glm.ConfigError, "pre_seq_len"), (6.0, glm.ConfigError, "pre_seq_len"),
+    (None, glm.CheckpointError, "pre_seq_len"), (7, glm.CheckpointError, "prefix_encoder"),
+])
+def test_damaged_ptuning_folder(tmp_path, pre_seq_len, error, needle):
+    d = tmp_path / "prefix"
+    shutil.copytree(FIXTURES / "glm-tiny-ptuning", d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "pre_seq_len": pre_seq_len}))
+    assert needle in refused(error, glm.load, FIXTURES / "glm-tiny", ptuning=d)
