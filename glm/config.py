@@ -25,6 +25,7 @@ BOOLS = ("position_encoding_2d", "tie_word_embeddings", "use_cache", "quantizati
          "prefix_projection")
 MAX_CONFIG_BYTES = 1 << 20  # the release's config.json is under 1 KB
 FIX = "fix config.json or re-download the checkpoint"
+GLM2 = "this checkpoint is ChatGLM2/3 (GLM v2), not ChatGLM-6B v1: it is not supported"
 
 
 def one_line(msg: str) -> str:
@@ -33,7 +34,7 @@ def one_line(msg: str) -> str:
                    for c in str(msg))
 
 
-def show(v: Any, limit: int = 40) -> str:
+def _show(v: Any, limit: int = 40) -> str:
     """A short JSON-like rendering of a config value for an error message."""
     try:
         s = json.dumps(v, ensure_ascii=False)
@@ -72,9 +73,6 @@ class ConfigError(ValueError):
     def __init__(self, msg: str):
         super().__init__(one_line(msg))
 
-GLM2 = "this checkpoint is ChatGLM2/3 (GLM v2), not ChatGLM-6B v1: it is not supported"
-
-
 @dataclass
 class GLMConfig:
     """Architecture of a GLM v1 checkpoint.
@@ -111,7 +109,7 @@ class GLMConfig:
     architectures: list[str] = dataclasses.field(default_factory=lambda: ["ChatGLMModel"])
 
     def __post_init__(self) -> None:
-        self._check_architecture()
+        self._check_supported()
         for name, hi in LIMITS.items():
             self._check_int(name, 1, hi, optional=name == "pre_seq_len")
         for name in TOKEN_IDS:
@@ -128,7 +126,7 @@ class GLMConfig:
         self._check_features()
 
     def _bad(self, name: str, what: str, value: Any) -> None:
-        raise ConfigError(f"{name} must be {what}, got {show(value)}: {FIX}")
+        raise ConfigError(f"{name} must be {what}, got {_show(value)}: {FIX}")
 
     def _check_int(self, name: str, lo: int, hi: int, optional: bool = False) -> None:
         v = getattr(self, name)
@@ -138,13 +136,13 @@ class GLMConfig:
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
             self._bad(name, f"an integer from {lo} to {hi}" + (" or null" if optional else ""), v)
 
-    def _check_architecture(self) -> None:
+    def _check_supported(self) -> None:
         mt, archs = self.model_type, self.architectures
         if not isinstance(mt, str) or not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
-            raise ConfigError(f"model_type must be a string and architectures a list of strings, got {show(mt)} "
-                              f"and {show(archs)}: {FIX}")
+            raise ConfigError(f"model_type must be a string and architectures a list of strings, got {_show(mt)} "
+                              f"and {_show(archs)}: {FIX}")
         if mt != "chatglm" or not any(a.startswith("ChatGLM") for a in archs):
-            raise ConfigError(f"unsupported architecture {show(archs)} (model_type {show(mt)}): "
+            raise ConfigError(f"unsupported architecture {_show(archs)} (model_type {_show(mt)}): "
                               "this engine runs ChatGLM-6B (GLM v1) only")
         if self.position_encoding_2d is False:
             raise ConfigError(GLM2)
@@ -192,7 +190,7 @@ class GLMConfig:
     def from_dict(cls, d: dict[str, Any]) -> GLMConfig:
         """The config of a parsed config.json; ConfigError (one line) for anything that is not GLM v1."""
         if not isinstance(d, dict):
-            raise ConfigError(f"config.json must hold a JSON object of settings, got {show(d)}: {FIX}")
+            raise ConfigError(f"config.json must hold a JSON object of settings, got {_show(d)}: {FIX}")
         # ChatGLM2/3 reuse model_type "chatglm" but are a different architecture (multi-query attention, RMSNorm).
         if "multi_query_attention" in d or "padded_vocab_size" in d:
             raise ConfigError(GLM2)

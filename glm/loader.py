@@ -199,7 +199,7 @@ def _index_shards(index: Path) -> list[str]:
 
 def _describe(v) -> str:
     if not isinstance(v, dict):
-        return "none" if v is None else f"a {type(v).__name__}"
+        return "nothing" if v is None else f"a {type(v).__name__}"
     if not v:
         return "an empty one"
     k, x = next((k, x) for k, x in v.items() if not (isinstance(k, str) and isinstance(x, str)))
@@ -222,8 +222,8 @@ def _inside(folder: Path, name: str, named_by: str) -> Path:
         raise CheckpointError(f"cannot follow {folder / pure} ({e}): re-download the checkpoint") from None
     blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
     if not target.is_relative_to(root) and not (blobs is not None and target.is_relative_to(blobs)):
-        raise CheckpointError(f"{folder / pure} (named by {named_by}) is a link to {target}, outside the "
-                              f"checkpoint folder: refusing to open it; copy the file into {folder} instead")
+        raise CheckpointError(f"{folder / pure} is a link to {target}, outside the checkpoint folder: refusing to "
+                              f"open it; copy the file into {folder} instead")
     return folder / pure
 
 

@@ -42,13 +42,16 @@ class Tokenizer:
     Args:
         model_file: path to `ice_text.model`.
         bos_id, eos_id, mask_id, gmask_id, pad_id: special ids, read from the checkpoint's config.json.
+        vocab_size: the model's vocabulary (config.json), which the pieces must fit in.
+
+    Raises CheckpointError (one line) when `model_file` is missing, unreadable, damaged or of another vocabulary.
     """
 
     def __init__(self, model_file: str | os.PathLike, *, bos_id: int, eos_id: int, mask_id: int, gmask_id: int,
                  pad_id: int, vocab_size: int | None = None):
         import sentencepiece as spm
 
-        from glm.loader import CheckpointError
+        from glm.loader import CheckpointError  # a damaged ice_text.model is a damaged checkpoint
 
         path = Path(model_file)
         fix = "re-download ice_text.model from the checkpoint"
