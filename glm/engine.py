@@ -24,20 +24,25 @@ DTYPES = {
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto' (or None) picks CUDA when present; asking for CUDA without it is an error that says what to do."""
+    """'auto' (or None) picks CUDA when present; a device this machine lacks is a ValueError saying what to do."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from None
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {str(device)[:40]!r}: use cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("CUDA was requested but no CUDA GPU is available to torch: use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"{dev} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type not in ("cpu", "mps"):
-        raise ValueError(f"unsupported device {device!r}: use cpu or cuda")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError("MPS (Apple GPU) was requested but torch has no MPS device here: use --device cpu")
+        if dev.index not in (None, 0):
+            raise ValueError(f"{dev} does not exist: use --device mps")
+    elif dev.type != "cpu":
+        raise ValueError(f"unsupported device {str(device)[:40]!r}: use cpu, cuda, cuda:N, mps or auto")
     return dev
 
 
@@ -77,11 +82,11 @@ def _config(max_new_tokens, settings: dict) -> GenerationConfig:
 
 def _n_params(folder: Path) -> int:
     """Parameter count implied by a checkpoint's config.json (0 if it cannot be read)."""
-    from glm.config import GLMConfig
+    from glm.config import ConfigError, GLMConfig
 
     try:
         c = GLMConfig.from_json(folder / "config.json")
-    except Exception:  # noqa: BLE001 - build_model reports a bad config properly
+    except ConfigError:  # build_model reports it
         return 0
     h, f = c.hidden_size, c.inner_hidden_size
     return c.num_layers * (4 * h * h + 2 * h * f) + c.vocab_size * h * (1 if c.tie_word_embeddings else 2)

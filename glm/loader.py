@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from glm.config import ConfigError, GLMConfig
+from glm.config import ConfigError, GLMConfig, one_line, read_json
 from glm.model import GLM
 
 DEFAULT_MODEL = "THUDM/chatglm-6b"
@@ -26,6 +26,12 @@ HUB_PATTERNS = ["*.json", "*.model", "*.safetensors", "*.bin", "MODEL_LICENSE"]
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete, corrupt or of another shape."""
+
+    def __init__(self, msg: str):
+        super().__init__(one_line(msg))
+
+
+MAX_INDEX_BYTES = 64 << 20  # ChatGLM-6B's shard index is 20 KB
 
 
 # Checkpoint name -> module name; "{}" is the layer index. None: present in the checkpoint, deliberately unused.
@@ -91,13 +97,17 @@ def resolve(model: str | os.PathLike = DEFAULT_MODEL, revision: str | None = Non
     Offline (`HF_HUB_OFFLINE=1`) a repo id resolves from the local Hugging Face cache only.
     """
     p = Path(os.path.expanduser(str(model)))
-    if p.is_dir():
-        return p
     s = str(model)
-    if p.exists():
+    try:
+        if p.is_dir():
+            return p
+        exists = p.exists()
+    except OSError as e:  # a name too long for the file system, a folder we may not look into
+        raise CheckpointError(f"cannot look at {s[:80]!r} ({e.strerror or e}): check the --model path") from None
+    if exists:
         raise CheckpointError(f"{p} is a file; --model takes a checkpoint folder or a Hub repo id")
     if not _REPO_ID.match(s):
-        raise CheckpointError(f"no such folder {s!r}, and it is not a Hub repo id like {DEFAULT_MODEL!r}")
+        raise CheckpointError(f"no such folder {s[:80]!r}, and it is not a Hub repo id like {DEFAULT_MODEL!r}")
     try:
         import huggingface_hub as hub
     except ImportError:  # pragma: no cover - a dependency
@@ -148,30 +158,73 @@ def _hub_patterns(repo: str, revision: str | None) -> list[str]:
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
-    """The weight files of a checkpoint folder, preferring safetensors; every shard an index names must exist."""
+    """The weight files of a checkpoint folder, preferring safetensors; every shard an index names must exist.
+
+    Every weight file must lie inside `folder` (see `_inside`): an index cannot make us open anything else.
+    """
     for index_name, single in (
         ("model.safetensors.index.json", "model.safetensors"),
         ("pytorch_model.bin.index.json", "pytorch_model.bin"),
     ):
         index = folder / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index} is corrupt ({e}): re-download the checkpoint") from None
-            shards = sorted(set(weight_map.values()))
-            missing = [s for s in shards if not (folder / s).is_file()]
+            shards = [_inside(folder, s, index_name) for s in _index_shards(index)]
+            missing = [s for s in shards if not s.is_file()]
             if missing:
                 raise CheckpointError(
-                    f"shard {missing[0]} named in {index_name} is missing from {folder}"
+                    f"shard {missing[0].name} named in {index_name} is missing from {folder}"
                     f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: re-download the checkpoint"
                 )
-            return [folder / s for s in shards]
+            return shards
         if (folder / single).is_file():
-            return [folder / single]
+            return [_inside(folder, single, single)]
     raise CheckpointError(
         f"no weights in {folder}: expected pytorch_model*.bin or *.safetensors (with an index when sharded)"
     )
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The file names a shard index's weight_map names, sorted."""
+    fix = "re-download the checkpoint"
+    try:
+        d = read_json(index, MAX_INDEX_BYTES, CheckpointError, fix)
+    except FileNotFoundError:  # removed since is_file()
+        raise CheckpointError(f"{index} disappeared while loading: {fix}") from None
+    wm = d.get("weight_map") if isinstance(d, dict) else None
+    if not isinstance(wm, dict) or not wm or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise CheckpointError(f"{index} is corrupt: it needs a weight_map of tensor names to file names "
+                              f"(strings), got {_describe(wm)}: {fix}")
+    return sorted(set(wm.values()))
+
+
+def _describe(v) -> str:
+    if not isinstance(v, dict):
+        return "nothing" if v is None else f"a {type(v).__name__}"
+    if not v:
+        return "an empty one"
+    k, x = next((k, x) for k, x in v.items() if not (isinstance(k, str) and isinstance(x, str)))
+    return f"{type(x).__name__} {str(x)[:40]!r} for {str(k)[:60]!r}"
+
+
+def _inside(folder: Path, name: str, named_by: str) -> Path:
+    """`folder / name`, refused (before it is opened) unless it stays inside `folder`, links resolved.
+
+    The one exception is the Hugging Face cache, whose snapshot folders hold links into the repo's `blobs/`.
+    """
+    pure = Path(name)
+    if not name or "\0" in name or pure.is_absolute() or ".." in pure.parts or pure.drive:
+        raise CheckpointError(f"{named_by} names {name[:80]!r}, which is not a file of the checkpoint folder "
+                              f"{folder}: refusing to open it; re-download the checkpoint")
+    try:
+        root = folder.resolve()
+        target = (folder / pure).resolve()
+    except (OSError, RuntimeError) as e:  # a link loop
+        raise CheckpointError(f"cannot follow {folder / pure} ({e}): re-download the checkpoint") from None
+    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+    if not target.is_relative_to(root) and not (blobs is not None and target.is_relative_to(blobs)):
+        raise CheckpointError(f"{folder / pure} is a link to {target}, outside the checkpoint folder: refusing to "
+                              f"open it; copy the file into {folder} instead")
+    return folder / pure
 
 
 def read_tensors(path: Path) -> Iterator[tuple[str, Tensor]]:
@@ -186,12 +239,36 @@ def read_tensors(path: Path) -> Iterator[tuple[str, Tensor]]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             if not isinstance(state, dict):
-                raise CheckpointError(f"{path} does not hold a state dict")
-            yield from state.items()
+                raise CheckpointError(f"{path} does not hold a state dict: re-download the checkpoint")
+            for name, t in state.items():
+                if not isinstance(name, str) or not isinstance(t, Tensor):
+                    raise CheckpointError(f"{path.name} holds a {type(t).__name__} under {str(name)[:80]!r} "
+                                          "where a named tensor belongs: the file is corrupt, re-download it")
+                yield name, t
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file surfaces in many ways
         raise CheckpointError(f"cannot read {path.name} ({type(e).__name__}: {e}): the file is corrupt, re-download it")
+
+
+def _check_tensor(ck_name: str, t: Tensor, expect: Tensor, stored_quant: int) -> None:
+    """Refuse a tensor whose shape or kind of dtype is not what the model holds there (a one-line error)."""
+    if tuple(t.shape) != tuple(expect.shape):
+        raise CheckpointError(
+            f"{ck_name} has shape {tuple(t.shape)} but config.json implies {tuple(expect.shape)}: "
+            "the weights and config.json do not belong together"
+        )
+    if t.layout != torch.strided or t.is_meta:
+        raise CheckpointError(f"{ck_name} is not a dense tensor with data ({t.layout}, {t.device.type}): "
+                              "the file is corrupt, re-download it")
+    if expect.is_floating_point():
+        if not t.is_floating_point():
+            hint = ("its config.json lacks quantization_bit" if t.dtype == torch.int8 and not stored_quant
+                    else "the checkpoint is corrupt")
+            raise CheckpointError(f"{ck_name} is {t.dtype} but must be floating point: {hint}; re-download it")
+    elif t.dtype != expect.dtype:
+        raise CheckpointError(f"{ck_name} is {t.dtype} but this int{stored_quant} checkpoint stores it as "
+                              f"{expect.dtype}: the weights and config.json do not belong together")
 
 
 # ---------------------------------------------------------------------------------------------------- building
@@ -294,12 +371,7 @@ def build_model(
                 continue
             if name == "prefix_encoder.weight" and not cfg.pre_seq_len:
                 continue
-            expect = _expected(model, name)
-            if tuple(t.shape) != tuple(expect.shape):
-                raise CheckpointError(
-                    f"{ck_name} has shape {tuple(t.shape)} but config.json implies {tuple(expect.shape)}: "
-                    "the weights and config.json do not belong together"
-                )
+            _check_tensor(ck_name, t, _expected(model, name), stored_quant)
             if t.is_floating_point() and not name.endswith("weight_scale"):
                 t = t.to(device=device, dtype=dtype)
             else:  # int8 weights as stored; scales as stored (upcast at use, never rounded down)

@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 MAX_BLANK = 80
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _encodable(text: str) -> str:
+    """`text` as sentencepiece can take it: surrogate code points cannot be UTF-8 encoded (sentencepiece raises).
+
+    Surrogate pairs become the character they encode; lone surrogates (e.g. from `surrogateescape` decoding of
+    invalid UTF-8) become U+FFFD, the replacement character, as a UTF-8 decoder would produce.
+    """
+    if not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _preprocess(text: str) -> str:
@@ -29,29 +42,48 @@ class Tokenizer:
     Args:
         model_file: path to `ice_text.model`.
         bos_id, eos_id, mask_id, gmask_id, pad_id: special ids, read from the checkpoint's config.json.
+        vocab_size: the model's vocabulary (config.json), which the pieces must fit in.
+
+    Raises CheckpointError (one line) when `model_file` is missing, unreadable, damaged or of another vocabulary.
     """
 
     def __init__(self, model_file: str | os.PathLike, *, bos_id: int, eos_id: int, mask_id: int, gmask_id: int,
-                 pad_id: int):
+                 pad_id: int, vocab_size: int | None = None):
         import sentencepiece as spm
 
+        from glm.loader import CheckpointError  # a damaged ice_text.model is a damaged checkpoint
+
         path = Path(model_file)
+        fix = "re-download ice_text.model from the checkpoint"
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer model {path} not found: the checkpoint folder needs ice_text.model")
+            raise CheckpointError(f"tokenizer model {path} not found: the checkpoint folder needs ice_text.model")
         self.sp = spm.SentencePieceProcessor()
-        if not self.sp.Load(str(path)):
-            raise ValueError(f"{path} is not a sentencepiece model: re-download ice_text.model")
+        try:
+            # Read here rather than by sentencepiece: Python reports unreadable files (and odd path names) itself.
+            ok = self.sp.LoadFromSerializedProto(path.read_bytes())
+        except OSError as e:
+            raise CheckpointError(f"cannot read {path} ({e.strerror or e}): {fix}") from None
+        except RuntimeError as e:  # sentencepiece raises on an empty, truncated or foreign file
+            raise CheckpointError(f"{path} is not a sentencepiece model ({e}): {fix}") from None
+        if ok is False or self.sp.vocab_size() <= 0:
+            raise CheckpointError(f"{path} is not a sentencepiece model: {fix}")
         self.bos_id, self.eos_id, self.mask_id, self.gmask_id, self.pad_id = bos_id, eos_id, mask_id, gmask_id, pad_id
         self.n_pieces = self.sp.vocab_size()
+        if vocab_size is not None and self.n_pieces > vocab_size:
+            raise CheckpointError(f"{path} has {self.n_pieces} pieces but config.json's vocab_size is {vocab_size}: "
+                                  f"they come from different checkpoints; {fix}")
 
     @classmethod
     def from_config(cls, model_file: str | os.PathLike, cfg) -> Tokenizer:
         return cls(model_file, bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_id, mask_id=cfg.mask_token_id,
-                   gmask_id=cfg.gmask_token_id, pad_id=cfg.pad_token_id)
+                   gmask_id=cfg.gmask_token_id, pad_id=cfg.pad_token_id, vocab_size=cfg.vocab_size)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; with special tokens, `[gMASK] <sop>` is appended (the generation prompt)."""
-        ids = self.sp.EncodeAsIds(_preprocess(text)) if text else []
+        """Token ids of `text` (any str); with special tokens, `[gMASK] <sop>` is appended (the generation prompt)."""
+        if not isinstance(text, str):
+            hint = ": decode the bytes first" if isinstance(text, (bytes, bytearray)) else ""
+            raise TypeError(f"Tokenizer.encode takes a str, got {type(text).__name__}{hint}")
+        ids = self.sp.EncodeAsIds(_preprocess(_encodable(text))) if text else []
         if add_special_tokens:
             ids = ids + [self.gmask_id, self.bos_id]
         return ids

@@ -6,6 +6,9 @@ import shutil
 import pytest
 import torch
 from glm_testutil import FIXTURES, golden
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_config import refused
 
 import glm
 
@@ -104,3 +107,57 @@ def test_quantized_lm_head(tmp_path):
     assert isinstance(again.model.lm_head, QuantLinear)
     ids = [801, 456, 1001, 1004]
     assert torch.equal(m.logits(ids), again.logits(ids))
+
+
+# ---------------------------------------------------------------------------------------------------- damaged input
+
+QUANT_STATE = {bits: torch.load(FIXTURES / f"glm-tiny-int{bits}" / "pytorch_model.bin", weights_only=True)
+               for bits in (8, 4)}
+
+
+def _quant_copy(tmp_path, bits, sd):
+    d = tmp_path / f"int{bits}"
+    shutil.copytree(FIXTURES / f"glm-tiny-int{bits}", d)
+    torch.save(sd, d / "pytorch_model.bin")
+    return d
+
+
+@settings(max_examples=15, deadline=None)
+@given(bits=st.sampled_from([8, 4]), data=st.data())
+def test_quantized_tensors_of_the_wrong_dtype(tmp_path_factory, bits, data):
+    sd = dict(QUANT_STATE[bits])
+    names = sorted(k for k in sd if k.endswith((".weight", ".weight_scale")) and "layers" in k
+                   and "layernorm" not in k)
+    name = data.draw(st.sampled_from(names))
+    if sd[name].dtype == torch.int8:  # a quantized weight: anything but int8 is wrong
+        dtype = data.draw(st.sampled_from([torch.uint8, torch.int16, torch.int32, torch.float16, torch.float32]))
+        want = "torch.int8"
+    else:  # a scale: must be floating point
+        dtype = data.draw(st.sampled_from([torch.int8, torch.int32, torch.bool]))
+        want = "floating point"
+    sd[name] = sd[name].to(dtype)
+    msg = refused(glm.CheckpointError, glm.load, _quant_copy(tmp_path_factory.mktemp("q"), bits, sd))
+    assert name in msg and want in msg
+
+
+def test_int8_checkpoint_without_quantization_bit_says_so(tmp_path):
+    d = tmp_path / "int8"
+    shutil.copytree(FIXTURES / "glm-tiny-int8", d)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["quantization_bit"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    msg = refused(glm.CheckpointError, glm.load, d)
+    assert "is torch.int8 but must be floating point" in msg and "quantization_bit" in msg
+    cfg["quantization_bit"] = 8
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert glm.load(d).config.quantization_bit == 8  # the repaired copy loads
+
+
+@pytest.mark.parametrize("kw", [dict(quantization_bit=3), dict(quantization_bit=True), dict(quantization_bit="4"),
+                                dict(quantization_bit=8, quantization_group_size=32), dict(quantization_group_size=48)])
+def test_bad_quantization_settings_in_config(tmp_path, kw):
+    d = tmp_path / "int4"
+    shutil.copytree(FIXTURES / "glm-tiny-int4", d)
+    (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), **kw}))
+    field = "quantization_group_size" if "quantization_group_size" in kw else "quantization_bit"
+    assert field in refused(glm.ConfigError, glm.load, d)

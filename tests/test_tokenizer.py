@@ -1,7 +1,13 @@
-import pytest
-from glm_testutil import golden
+import shutil
 
-from glm.tokenizer import StreamDecoder
+import pytest
+from glm_testutil import FIXTURES, golden
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_config import refused
+
+import glm
+from glm.tokenizer import StreamDecoder, Tokenizer
 
 G, _ = golden("chatglm-tiny")
 
@@ -34,3 +40,93 @@ def test_stream_decoder_concatenates_to_decode(chatglm_tiny, text):
     parts = [dec.put(i) for i in ids] + [dec.flush()]
     assert "".join(parts) == tok.decode(ids)
     assert all("\ufffd" not in p for p in parts)  # half an emoji is never shown
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+MODEL = FIXTURES / "chatglm-tiny" / "ice_text.model"
+VOCAB = 130528
+# Arbitrary text, weighted towards what breaks tokenizers: lone surrogates, control characters, whitespace runs.
+PIECES = st.one_of(st.characters(), st.characters(categories=["Cs"]), st.characters(categories=["Cc"]),
+                   st.sampled_from([" " * 3, "\n", "\t", "<n>", "<|blank_3|>", "\ufffd", "[gMASK]", "<sop>"]))
+ANY_TEXT = st.lists(PIECES, max_size=30).map("".join)
+
+
+def _tok(path=MODEL, **kw):
+    return Tokenizer(path, bos_id=130004, eos_id=130005, mask_id=130000, gmask_id=130001, pad_id=3, **kw)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=ANY_TEXT)
+def test_encode_takes_any_str(chatglm_tiny, text):
+    tok = chatglm_tiny.tokenizer
+    ids = tok.encode(text)
+    assert ids[-2:] == [130001, 130004] and all(type(i) is int and 0 <= i < VOCAB for i in ids)
+    out = tok.decode(ids)
+    assert isinstance(out, str) and not any("\ud800" <= c <= "\udfff" for c in out)
+
+
+def test_surrogates_become_the_replacement_character(chatglm_tiny):
+    tok = chatglm_tiny.tokenizer
+    assert tok.encode("a\udcffb") == tok.encode("a\ufffdb")  # lone (surrogateescape of byte 0xff)
+    assert tok.encode("x\ud800") == tok.encode("x\ufffd")
+    assert tok.encode("hi \ud83d\ude00") == tok.encode("hi 😀")  # a pair is the character it encodes
+    assert tok.encode("\x00\x1b[31m\x7f") == tok.encode("\x00\x1b[31m\x7f")
+
+
+def test_chat_with_a_lone_surrogate(chatglm_tiny):
+    reply, history = chatglm_tiny.chat("\udcff", max_length=16, do_sample=False)
+    assert isinstance(reply, str) and history == [("\udcff", reply)]
+    assert chatglm_tiny.chat("你好", max_length=16, do_sample=False)[0]
+
+
+@pytest.mark.parametrize("value", [b"hello", bytearray(b"x"), None, 5, ["a"], 1.5])
+def test_encode_refuses_what_is_not_a_str(chatglm_tiny, value):
+    msg = refused(TypeError, chatglm_tiny.tokenizer.encode, value)
+    assert "str" in msg
+    assert chatglm_tiny.tokenizer.encode("你好") == [5, 74874, 130001, 130004]
+
+
+DAMAGED = {
+    "empty": lambda data: b"",
+    "garbage": lambda data: b"not a sentencepiece model\n" * 4,
+    "truncated-1k": lambda data: data[:1000],
+    "truncated-half": lambda data: data[: len(data) // 2],
+    "tail-only": lambda data: data[len(data) // 2:],
+}
+
+
+@pytest.fixture(scope="module")
+def chatglm_copy(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok") / "chatglm-tiny"
+    shutil.copytree(FIXTURES / "chatglm-tiny", d)
+    return d
+
+
+@pytest.mark.parametrize("kind", DAMAGED)
+def test_damaged_tokenizer_file_is_a_checkpoint_error(chatglm_copy, kind):
+    good = MODEL.read_bytes()
+    p = chatglm_copy / "ice_text.model"
+    p.write_bytes(DAMAGED[kind](good))
+    assert "ice_text.model" in refused(glm.CheckpointError, glm.load, chatglm_copy)
+    p.write_bytes(good)
+    assert glm.load(chatglm_copy).tokenizer.encode("你好") == [5, 74874, 130001, 130004]
+
+
+@settings(max_examples=20, deadline=None)
+@given(cut=st.integers(0, MODEL.stat().st_size - 1), junk=st.binary(max_size=16))
+def test_cut_or_garbled_tokenizer_file_loads_or_is_a_checkpoint_error(tmp_path_factory, cut, junk):
+    p = tmp_path_factory.mktemp("tok") / "ice_text.model"
+    p.write_bytes(MODEL.read_bytes()[:cut] + junk)
+    try:
+        tok = _tok(p, vocab_size=VOCAB)
+    except glm.CheckpointError as e:
+        assert "\n" not in str(e)
+    else:  # cut at a record boundary: a smaller vocabulary, which must still encode and decode
+        tok.decode(tok.encode("hello 你好"))
+
+
+def test_tokenizer_and_config_from_different_checkpoints():
+    assert "pieces" in refused(glm.CheckpointError, _tok, vocab_size=1024)
+    assert "not found" in refused(glm.CheckpointError, _tok, MODEL.parent / "nope.model")
+    assert _tok(vocab_size=VOCAB).encode("你好") == [5, 74874, 130001, 130004]
