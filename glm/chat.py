@@ -52,10 +52,11 @@ def reply_reserve(max_length: int) -> int:
     return max(1, min(MAX_RESERVE, max_length // 8))
 
 
-def fit_history(tokenizer, query: str, history: History | None, max_length: int, reserve: int | None = None) -> History:
+def fit_history(tokenizer, query: str, history: History | None, max_length: int, reserve: int | None = None, *,
+                limit_name: str = "max_length") -> History:
     """Drop whole oldest rounds until the prompt leaves `reserve` tokens (default `reply_reserve`) for the reply.
 
-    Raises GenerationError when the query alone does not fit.
+    Raises GenerationError when the query alone does not fit (naming the limit `limit_name`).
     """
     reserve = reply_reserve(max_length) if reserve is None else reserve
     history = check_history(history)
@@ -65,8 +66,8 @@ def fit_history(tokenizer, query: str, history: History | None, max_length: int,
             return history
         if not history:
             raise GenerationError(
-                f"the message is {n} tokens, too long for max_length={max_length} "
-                f"(it needs room for at least {reserve} reply tokens): shorten it or raise max_length"
+                f"the message is {n} tokens, too long for {limit_name}={max_length} "
+                f"(it needs room for at least {reserve} reply tokens): shorten it or raise {limit_name}"
             )
         history.pop(0)
 
@@ -75,7 +76,10 @@ def fit_turn(engine, query: str, history: History | None, max_length: int) -> tu
     """The history to send with `query` (oldest whole rounds dropped so that the prompt and the reply reserve fit
     both max_length and the engine's context limit), and how many rounds were dropped."""
     history = check_history(history)
-    kept = fit_history(_tokenizer(engine), query, history, min(max_length, engine.max_context))
+    if engine.max_context < max_length:  # the context limit is the tighter one: the error names it
+        kept = fit_history(_tokenizer(engine), query, history, engine.max_context, limit_name="max_context")
+    else:
+        kept = fit_history(_tokenizer(engine), query, history, max_length)
     return kept, len(history) - len(kept)
 
 

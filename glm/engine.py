@@ -180,18 +180,33 @@ class ChatGLM:
     def chat(self, query: str, history=None, max_length: int = 2048, do_sample: bool = True, top_p: float = 0.7,
              temperature: float = 0.95, **sampling):
         """The official `chat`: returns `(reply, history)`. Defaults are the official ones (top_k 50 included)."""
+        _check_chat_settings(sampling)
         return _chat.chat(self, query, history, max_length=max_length, do_sample=do_sample, top_p=top_p,
                           temperature=temperature, **sampling)
 
     def stream_chat(self, query: str, history=None, max_length: int = 2048, do_sample: bool = True,
                     top_p: float = 0.7, temperature: float = 0.95, **sampling):
-        """The official `stream_chat`: yields `(reply so far, history)` after every token."""
+        """The official `stream_chat`: yields `(reply so far, history)` after every token (with `final=True`, the
+        last value is exactly `chat`'s reply)."""
+        _check_chat_settings(sampling, ("final",))
         return _chat.stream_chat(self, query, history, max_length=max_length, do_sample=do_sample, top_p=top_p,
                                  temperature=temperature, **sampling)
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Save weights (safetensors), config and tokenizer so that `glm.load(folder)` restores this model."""
         return save_checkpoint(self.model, folder, tokenizer_folder=self.path)
+
+
+_CHAT_SETTINGS = ("top_k", "repetition_penalty", "seed")
+
+
+def _check_chat_settings(sampling: dict, more: tuple[str, ...] = ()) -> None:
+    """An unknown keyword of chat/stream_chat is a GenerationError naming it, as for generate (not a TypeError)."""
+    known = _CHAT_SETTINGS + more
+    unknown = sorted(set(sampling) - set(known))
+    if unknown:
+        raise GenerationError(f"unknown chat setting(s) {', '.join(unknown)}: use max_length, do_sample, top_p, "
+                              f"temperature, {', '.join(known)}")
 
 
 def _warn_nan(reqs: list[Request]) -> None:

@@ -126,6 +126,7 @@ class Batch:
 
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy: dividing scores by them overflows float32 (as vLLM)
 MAX_SEED = 2**64
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _is_int(v) -> bool:
@@ -133,7 +134,8 @@ def _is_int(v) -> bool:
 
 
 def _is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    # An int is always finite (and math.isfinite cannot take one past float's range, 10**400).
+    return _is_int(v) or isinstance(v, float) and math.isfinite(v)
 
 
 @dataclass
@@ -575,10 +577,12 @@ class Scheduler:
         # Row settings: written once, read by every step.
         st["ids"][i].fill_(req.prompt[0])  # padding repeats an id of the row: the penalty is idempotent
         st["ids"][i, :T] = ids
-        st["temperature"][i] = c.temperature if not c.greedy else 1.0
-        st["top_k"][i] = c.top_k
+        # Valid settings past float32 / int64 (temperature 1e300, top_k 10**30) are clamped, not an overflow error:
+        # float32's largest value already flattens (or sharpens) the scores as far as they go; top_k >= V is all.
+        st["temperature"][i] = float(min(c.temperature, FLOAT32_MAX)) if not c.greedy else 1.0
+        st["top_k"][i] = min(c.top_k, cfg.vocab_size)
         st["one_minus_top_p"][i] = 1 - c.top_p  # in float64 first, then float32: as the reference's scalar
-        st["penalty"][i] = c.repetition_penalty
+        st["penalty"][i] = float(min(c.repetition_penalty, FLOAT32_MAX))
         st["greedy"][i] = c.greedy
         st["seeded"][i] = c.seed is not None
         st["seed"][i] = (c.seed or 0) - (1 << 64) if (c.seed or 0) >= 1 << 63 else (c.seed or 0)
@@ -646,7 +650,8 @@ class Scheduler:
         sampled = [r for r in reqs if not r.config.greedy]
         if sampled:
             top_k = g(st["top_k"])
-            k_max = 0 if any(r.config.top_k == 0 for r in sampled) else max(r.config.top_k for r in sampled)
+            V = self.model.config.vocab_size
+            k_max = 0 if any(r.config.top_k == 0 for r in sampled) else max(min(r.config.top_k, V) for r in sampled)
             top_k = torch.where(g(st["greedy"]), k_max, top_k)  # greedy rows: any valid k, their draw is unused
             probs, index = next_token_probs(scores, g(st["temperature"]), top_k, g(st["one_minus_top_p"]), k_max)
             draws = g(st["draws"])

@@ -8,8 +8,9 @@ waits behind it); what it had written stays, in the page and in the history.
 Gradio is imported only here (and only when the app is built), so `import glm` never pulls it in.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Gradio finds the `request: gr.Request` parameters of the event
+# functions by evaluating their annotations, which it cannot do for a string naming `gr`, imported inside build_app
+# (the request then arrives as None).
 import argparse
 import logging
 import os
@@ -162,12 +163,12 @@ def build_app(backend: ChatBackend, title: str = "ChatGLM-6B", subtitle: str = "
         log.warning("%s", msg)  # one line in the server's log, not a traceback: an expected error
         return gr.Error(msg, print_exception=False)
 
-    def reply(query, settings, history, transcript, waiting=()):
-        """(chatbot, history, transcript) as the reply to one message grows; messages waiting are shown too."""
-        pending = [(q, None) for q in waiting]
+    def reply(query, settings, history, transcript, waiting=list):
+        """(chatbot, history, transcript) as the reply to one message grows; messages waiting are shown too
+        (`waiting()` is asked at every token, so that a message sent mid-reply shows at once)."""
         try:
             for history, transcript in backend.respond(query, history, transcript, *settings, notify=gr.Info):
-                yield _messages(transcript + pending), history, transcript
+                yield _messages(transcript + [(q, None) for q in waiting()]), history, transcript
         except glm.GenerationError as e:
             raise error(str(e)) from None
         except (MemoryError, RuntimeError) as e:
@@ -194,16 +195,23 @@ def build_app(backend: ChatBackend, title: str = "ChatGLM-6B", subtitle: str = "
     def answer_inbox(max_length, top_p, temperature, history, transcript, request: gr.Request):
         """Answer the session's messages in the order they were sent, each once."""
         session = request.session_hash
+        answered = False
         while (query := backend.next_message(session)) is not None:
             out = None
             try:
                 for out in reply(query, (max_length, top_p, temperature), history, transcript,
-                                 backend.waiting(session)):
+                                 lambda: backend.waiting(session)):
+                    answered = True
                     yield out
             except gr.Error as e:
                 gr.Warning(e.message)  # this message fails; the ones behind it are still answered
             if out is not None:
                 _, history, transcript = out
+        if not answered:
+            # Nothing to show (the run "always_last" kept pending found its messages answered by the run before, or
+            # the only message was refused): leave the page and the states as they are. A generator that yields
+            # nothing would set the chat and both states to None, and the conversation would be gone.
+            yield gr.skip(), gr.skip(), gr.skip()
 
     def stop(request: gr.Request):
         backend.forget(request.session_hash)  # Stop also drops what waits behind the reply

@@ -98,3 +98,67 @@ def test_chat_in_headless_chromium(server, chatglm_tiny, tmp_path):
     assert data.startswith(b"\x89PNG") and len(data) > 20_000
     if os.environ.get("GLM_UPDATE_SCREENSHOT") == "1":
         shutil.copyfile(shot, ROOT / "docs" / "screenshot-web.png")
+
+
+MID_REPLY = ["晚上睡不着应该怎么办", "你好", "再见"]  # the first reply is 141 tokens: 3.5 s at 25 ms a token
+AFTER = "谢谢"
+
+
+def test_messages_sent_while_a_reply_streams_are_answered_once_each_in_order(server, chatglm_tiny, tmp_path):
+    history = []
+    for q in MID_REPLY + [AFTER]:  # the replies the page must show: each with the history of the ones before
+        _, history = chatglm_tiny.chat(q, history, max_length=2048, do_sample=False)
+    # The last message, sent once all is quiet, is answered with the whole conversation: it was not lost.
+    assert history[-1][1] != chatglm_tiny.chat(AFTER, [], max_length=2048, do_sample=False)[0]
+    want = [x for q, r in history for x in (q, r)]
+
+    def wait_for_bot(i: int, text: str) -> None:
+        page.wait_for_function(
+            "([i, want]) => { const b = document.querySelectorAll('#chatbot [data-testid=\"bot\"]');"
+            " return b.length === i + 1 && b[i].innerText.trim() === want; }", arg=[i, text])
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(90_000)
+            page.goto(server.url)
+            box = page.locator("#msg textarea")
+            bot = page.locator('#chatbot [data-testid="bot"]')
+            box.click()
+            page.keyboard.type(MID_REPLY[0])
+            page.keyboard.press("Enter")
+            bot.first.wait_for()
+            page.wait_for_function("() => document.querySelector('#chatbot [data-testid=\"bot\"]')"
+                                   ".innerText.trim().length > 0")
+            for q in MID_REPLY[1:]:  # typed and sent while the first reply streams
+                box.click()
+                page.keyboard.type(q)
+                page.keyboard.press("Enter")
+                page.wait_for_function("want => document.querySelector('#msg textarea').value === ''")
+            # Both went while the first reply was still streaming: one bot message, not yet complete.
+            assert bot.count() == 1
+            assert len(bot.first.inner_text().strip()) < len(history[0][1])
+            # They show at once, waiting under the reply.
+            assert page.locator('#chatbot [data-testid="user"]').all_inner_texts()[1:] == MID_REPLY[1:]
+
+            wait_for_bot(2, history[2][1])
+            page.wait_for_timeout(500)  # nothing more comes, and nothing goes: each message was answered once
+
+            # A message too long for the context is refused with a warning; the conversation stays.
+            box.fill("很长的问题" * 1000)
+            box.press("Enter")
+            page.get_by_text("too long for max_length=2048").first.wait_for()
+            page.wait_for_timeout(500)
+            assert bot.count() == 3 and page.locator('#chatbot [data-testid="user"]').count() == 3
+            box.click()
+            page.keyboard.type(AFTER)
+            page.keyboard.press("Enter")
+            wait_for_bot(3, history[3][1])
+            page.wait_for_timeout(300)
+            shown = page.evaluate("() => Array.from(document.querySelectorAll('#chatbot [data-testid=\"user\"],"
+                                  " #chatbot [data-testid=\"bot\"]'), e => e.innerText)")  # in page order
+        finally:
+            browser.close()
+    assert [s.strip() for s in shown] == want

@@ -185,3 +185,59 @@ def test_backend_drops_old_rounds_but_the_page_keeps_them(chatglm_tiny):
     assert len(transcript) == 4 and [q for q, _ in transcript] == [t["query"] for t in TURNS[:4]]
     assert len(history) < 4 and history == transcript[len(transcript) - len(history):]
     assert notes and "max length 120: the model does not see" in notes[0]
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+def test_expected_error_is_one_line_in_the_server_log(server):
+    c = client(server)
+    with pytest.raises(Exception, match="too long for max_length=17"):
+        chat(c, "很长的问题" * 20, 17)
+    assert text(chat(c, FIRST["query"], 44)[-1]) == FIRST["response"]  # the session answers the next query
+    log = server.log.read_text()
+    assert [ln for ln in log.splitlines() if "max_length=17" in ln] == [
+        "the message is 43 tokens, too long for max_length=17 (it needs room for at least 2 reply tokens): "
+        "shorten it or raise max_length"]
+    assert "Traceback" not in log, log
+
+
+def test_slider_values_out_of_range_are_refused_and_the_session_goes_on(server):
+    c = client(server)
+    for args in ((10**9, 0.7, 0.95), (44, 0.0, 0.95), (44, 0.7, -1.0), (44, 2.0, 0.95)):
+        with pytest.raises(Exception):
+            c.predict(FIRST["query"], *args, api_name="/chat")
+    assert text(chat(c, FIRST["query"], 44)[-1]) == FIRST["response"]
+
+
+def test_host_not_on_this_machine_is_one_line():
+    # 203.0.113.7 is TEST-NET-3 (RFC 5737), never an address of this machine: binding fails at once, and
+    # nothing is sent anywhere.
+    r = subprocess.run([sys.executable, "-m", "glm.web", "--model", str(TINY), "--host", "203.0.113.7"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("glm-web: error: cannot listen on 203.0.113.7: ") and "taken" not in line
+
+
+def test_port_taken_is_one_line(server):
+    r = subprocess.run([sys.executable, "-m", "glm.web", "--model", str(TINY), "--port", str(server.port)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [f"glm-web: error: port {server.port} on 127.0.0.1 is taken: choose "
+                                             "another with --port"]
+
+
+def test_inbox_keeps_order_and_is_bounded(chatglm_tiny):
+    from glm.web import ChatBackend
+
+    backend = ChatBackend(chatglm_tiny, cli.settings_from_args(cli.build_parser().parse_args(["--greedy"])))
+    sent = [f"message {i}" for i in range(backend.MAX_QUEUED)]
+    assert all(backend.enqueue("a", q) for q in sent)
+    assert backend.enqueue("a", "one too many") is False  # refused: the page keeps it in the box
+    assert backend.enqueue("b", "another session") is True
+    assert backend.waiting("a") == sent
+    assert [backend.next_message("a") for _ in sent] == sent and backend.next_message("a") is None
+    backend.forget("b")
+    assert backend.next_message("b") is None
