@@ -220,10 +220,6 @@ def build_app(backend: ChatBackend, title: str = "ChatGLM-6B", subtitle: str = "
         backend.forget(request.session_hash)
         return [], [], []
 
-    # Gradio finds the request parameter by its annotation, which `from __future__ import annotations` makes a string.
-    for f in (take, answer_inbox, stop, clear):
-        f.__annotations__["request"] = gr.Request
-
     with gr.Blocks(title=title, fill_height=True) as demo:
         gr.Markdown(f"## {title}" + (f"\n{subtitle}" if subtitle else ""))
         chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=520, render_markdown=True, buttons=["copy"],

@@ -293,7 +293,6 @@ def test_chat_past_the_context_limit_names_it(chat64):
     assert "too long for max_context=64" in line and "raise max_context" in line
 
 
-@pytest.mark.xfail(reason="tokenizer fix lands separately", strict=False)
 def test_chat_with_a_lone_surrogate(chatglm_tiny):
     # What os.fsdecode or a surrogateescape stream makes of bytes that are not UTF-8.
     try:
@@ -445,7 +444,6 @@ def test_a_failed_turn_is_one_line_and_keeps_the_session_and_history(chatglm_tin
     assert out.getvalue() == expected + "\n" and chat.history == before + [("再见", expected)]
 
 
-@pytest.mark.xfail(reason="resolve_device fix lands separately", strict=False)
 def test_device_mps_without_mps_is_one_line():
     if torch.backends.mps.is_available():
         pytest.skip("this machine has MPS")
