@@ -698,11 +698,4 @@ class Scheduler:
         return next((s for s in r.config.stop if s in tail), None)
 
 
-def cut_at_stop(text: str, stop: str | None) -> str:
-    """The text before the first occurrence of a stop string that matched (the stop string is not part of it)."""
-    if stop is None or stop not in text:
-        return text
-    return text[: text.index(stop)]
-
-
 __all__ = ["GenerationConfig", "GenerationError", "QueueFull", "Request", "Result", "Scheduler"]
