@@ -402,6 +402,7 @@ class Scheduler:
     """
 
     KEY_BUCKET = 512
+    PREFILL_TOKENS = 8192  # padded prompt tokens of one prefill forward: bounds its temporary caches
     GROW = 256  # eager caches grow in steps of this many slots, up to the context limit
 
     def __init__(self, model, *, max_batch: int = 1, max_context: int | None = None, compile: bool = False,
@@ -512,20 +513,28 @@ class Scheduler:
             r._finish(reason, stop)
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free rows, oldest first."""
+        """Prefill waiting requests into free rows, oldest first; those admitted together share one forward."""
         while True:
             with self._cv:
-                free = next((i for i, r in enumerate(self.rows) if r is None), None)
-                if free is None or not self.waiting:
-                    return
-                req = self.waiting.popleft()
+                free = [i for i, r in enumerate(self.rows) if r is None]
+                group: list[tuple[int, Request]] = []
+                T = 0
+                while self.waiting and len(group) < len(free):
+                    T_next = max(T, len(self.waiting[0].prompt))
+                    if group and T_next * (len(group) + 1) > self.PREFILL_TOKENS:
+                        break
+                    group.append((free[len(group)], self.waiting.popleft()))
+                    T = T_next
+            if not group:
+                return
             try:
-                self._prefill(free, req)
-            except Exception as e:  # noqa: BLE001 - e.g. out of memory: this request fails, the others go on
-                if self.rows[free] is req:
-                    self._free(free, None, error=e)
-                else:
-                    req._fail(e)
+                self._prefill(group)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: these requests fail, the others go on
+                for i, req in group:
+                    if self.rows[i] is req:
+                        self._free(i, None, error=e)
+                    else:
+                        req._fail(e)
 
     def _ensure_caches(self, need: int) -> None:
         """Caches of max_batch rows with room for `need` tokens after the prefix; grows, never shrinks."""
@@ -559,24 +568,39 @@ class Scheduler:
             ids[:, : self._state["ids"].shape[1]] = self._state["ids"]
         self._state["ids"] = ids  # prompt + new ids of each row, for the repetition penalty
 
-    def _prefill(self, i: int, req: Request) -> None:
-        model, cfg, st, P = self.model, self.model.config, None, self.P
-        T = len(req.prompt)
-        self._ensure_caches(T + req.budget)
-        st = self._state
-        self.rows[i] = req
-        c = req.config
-        dev = model.device
-        ids = torch.tensor(req.prompt, dtype=torch.long, device=dev)
-        pos, block = prompt_positions(req.prompt, cfg)
-        position_ids = torch.tensor([pos, block], dtype=torch.long, device=dev)[None]  # (1, 2, T)
-        ctx, mask_pos = prompt_layout(req.prompt, cfg)
-        slots = torch.arange(P, P + T, device=dev)
-        key_valid = torch.ones(1, P + T, dtype=torch.bool, device=dev)
-        mask = attention_mask(key_valid, torch.tensor([ctx + P], device=dev), slots, P + T)
-        # Row settings: written once, read by every step.
+    def _prefill(self, group: list[tuple[int, Request]]) -> None:
+        """One forward over the prompts of `group` (row, request); each row's keys and values land at its slots."""
+        model, cfg, P = self.model, self.model.config, self.P
+        self._ensure_caches(max(len(r.prompt) + r.budget for _, r in group))
+        for i, req in group:
+            self.rows[i] = req
+            self._set_row(i, req)
+        # Several prompts are left-padded into one batch (each row's positions are its own, pads are never seen);
+        # its keys and values are then moved to each row's slots [P, P + len).
+        batch = Batch.from_prompts([r.prompt for _, r in group], cfg, model.device)
+        n, T = batch.ids.shape
+        slots = torch.arange(P, P + T, device=model.device)
+        if n == 1:
+            caches = [c.row(group[0][0]) for c in self.caches]  # straight into the row
+        else:
+            caches = model.new_caches(n, P + T)
+            model.fill_prefix(caches)
+        logits = model(batch.ids, batch.position_ids, batch.mask(prefix=P), caches, slots, last_only=True)[:, -1]
+        for j, (i, req) in enumerate(group):
+            L = len(req.prompt)
+            if n > 1:
+                for c, tmp in zip(self.caches, caches):
+                    c.k[i, :, P : P + L] = tmp.k[j, :, P + T - L : P + T]
+                    c.v[i, :, P : P + L] = tmp.v[j, :, P + T - L : P + T]
+            self.lengths[i] = L
+            self._state["lens"][i] = P + L
+        self._sample_and_emit([i for i, _ in group], logits)
+
+    def _set_row(self, i: int, req: Request) -> None:
+        """A row's settings and positions: written once, read by every step."""
+        cfg, st, c, T = self.model.config, self._state, req.config, len(req.prompt)
         st["ids"][i].fill_(req.prompt[0])  # padding repeats an id of the row: the penalty is idempotent
-        st["ids"][i, :T] = ids
+        st["ids"][i, :T] = torch.tensor(req.prompt, dtype=torch.long)
         # Valid settings past float32 / int64 (temperature 1e300, top_k 10**30) are clamped, not an overflow error:
         # float32's largest value already flattens (or sharpens) the scores as far as they go; top_k >= V is all.
         st["temperature"][i] = float(min(c.temperature, FLOAT32_MAX)) if not c.greedy else 1.0
@@ -589,12 +613,8 @@ class Scheduler:
         st["draws"][i] = 0
         # The next token of a row at index t takes positions [mask_pos, t - ctx + 1]: the first frozen at the mask,
         # the second counting on from the <sop> (block position 1).
+        ctx, mask_pos = prompt_layout(req.prompt, cfg)
         st["pos"][i, 0], st["pos"][i, 1] = mask_pos, T - ctx + 1
-        rows = [c_.row(i) for c_ in self.caches]
-        logits = model(ids[None], position_ids, mask, rows, slots, last_only=True)[:, -1]  # (1, V)
-        self.lengths[i] = T
-        st["lens"][i] = P + T
-        self._sample_and_emit([i], logits)
 
     def _decode_step(self) -> None:
         st, P = self._state, self.P

@@ -167,3 +167,10 @@ def test_context_limit_caps_and_refuses_before_allocating():
     assert m.scheduler.caches[0].k.shape[2] <= 256  # not 5M slots
     with pytest.raises(GenerationError, match="context limit"):
         m.generate([5] * 70 + ids, 3)
+
+
+def test_prompts_admitted_together_share_one_prefill_and_match_the_goldens():
+    m = glm.load(FIXTURES / "glm-tiny", max_batch=len(GREEDY))
+    outs = m.generate([c["input_ids"] for c in GREEDY], 24, stop_at_eos=False)  # prompts of 3 to 35 tokens
+    for c, out in zip(GREEDY, outs):
+        assert out[: len(c["greedy_ids"])] == c["greedy_ids"]
