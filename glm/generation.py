@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
@@ -465,7 +466,8 @@ class Scheduler:
                 raise QueueFull(f"the server is busy: {len(self.waiting)} requests are already waiting; retry later")
             self.waiting.append(req)
             if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._run, name="glm-scheduler", daemon=True)
+                self._worker = threading.Thread(target=_work, args=(weakref.ref(self),), name="glm-scheduler",
+                                                daemon=True)
                 self._worker.start()
             self._cv.notify()
         return req
@@ -476,22 +478,21 @@ class Scheduler:
 
     # -- the worker
 
-    def _run(self) -> None:
-        torch.set_grad_enabled(False)
-        with torch.inference_mode():
-            while True:
-                with self._cv:
-                    while not self.waiting and self.running == 0:
-                        self._cv.wait()
-                try:
-                    self._drop_cancelled()
-                    self._admit()
-                    if self.running:
-                        self._decode_step()
-                except Exception as e:  # noqa: BLE001 - e.g. out of memory: each running request gets the error
-                    for i, r in enumerate(self.rows):
-                        if r is not None:
-                            self._free(i, None, error=e)
+    def _run_once(self, idle_wait: float) -> None:
+        """Admit and decode one step, or wait up to `idle_wait` seconds for work."""
+        with self._cv:
+            if not self.waiting and self.running == 0:
+                self._cv.wait(idle_wait)
+                return
+        try:
+            self._drop_cancelled()
+            self._admit()
+            if self.running:
+                self._decode_step()
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: each running request gets the error
+            for i, r in enumerate(self.rows):
+                if r is not None:
+                    self._free(i, None, error=e)
 
     def _drop_cancelled(self) -> None:
         with self._cv:
@@ -716,6 +717,15 @@ class Scheduler:
         longest = max(len(s) for s in r.config.stop)
         tail = text[-(longest + len(delta)):]
         return next((s for s in r.config.stop if s in tail), None)
+
+
+def _work(ref: weakref.ref) -> None:
+    """The scheduler's thread. It holds its scheduler only while working or waiting a moment for work, so that a
+    model nobody uses any more is freed, and the thread ends with it."""
+    with torch.inference_mode():
+        while (scheduler := ref()) is not None:
+            scheduler._run_once(idle_wait=1.0)
+            del scheduler
 
 
 __all__ = ["GenerationConfig", "GenerationError", "QueueFull", "Request", "Result", "Scheduler"]
