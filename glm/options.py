@@ -95,13 +95,6 @@ def count_type(lo: int, hi: int):
     return parse
 
 
-def delay_type(s: str) -> int:
-    v = _number(int, s, "an integer >= 0")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Which checkpoint to load and how: shared by glm-chat and glm-web."""
     g = parser.add_argument_group("model")
@@ -147,7 +140,7 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
                    help="seed every reply's sampling (reproducible)")
     # Test hook, hidden from --help: sleeps between streamed tokens (the replies themselves are unchanged) so
     # that a test can press Ctrl+C or Stop in the middle of a reply of the tiny, very fast test model.
-    g.add_argument("--delay-ms", type=delay_type, default=0, help=argparse.SUPPRESS)
+    g.add_argument("--delay-ms", type=count_type(0, 10_000), default=0, help=argparse.SUPPRESS)
 
 
 def check_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -273,3 +266,18 @@ def bind_error(host: str, port: int | None) -> str | None:
                 return f"port {port} on {host} is taken: choose another with --port"
             return f"cannot listen on {host}: {e.strerror}: use 127.0.0.1, 0.0.0.0 or an address of this machine"
     return None
+
+
+def prepare_server(args: argparse.Namespace, packages: tuple[str, ...], install: str):
+    """What a server entry point checks before it serves: its packages are installed (found without importing
+    them, which takes seconds) and its address can be listened on, both before the model loads, which can take
+    minutes; then the model, with `--max-batch` cache rows. Raises CLIError."""
+    import importlib.util
+
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    if missing:
+        raise CLIError(f"this needs {', '.join(missing)}: {install}")
+    why = bind_error(args.host, args.port)
+    if why:
+        raise CLIError(why)
+    return load_from_args(args, max_batch=args.max_batch)

@@ -19,11 +19,10 @@ from glm.options import (
     ArgumentParser,
     CLIError,
     add_model_args,
-    bind_error,
     check_model_args,
     count_type,
-    load_from_args,
     model_name,
+    prepare_server,
 )
 
 log = logging.getLogger("glm.serve")
@@ -377,18 +376,8 @@ def main(argv: list[str] | None = None, prog: str = "glm-serve") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     check_model_args(parser, args)
-    import importlib.util
-
-    missing = [p for p in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(p) is None]
-    if missing:
-        print(f"{prog}: error: the server needs {', '.join(missing)}: pip install 'glm[serve]'", file=sys.stderr)
-        return 1
-    why = bind_error(args.host, args.port)  # before loading, which can take minutes
-    if why:
-        print(f"{prog}: error: {why}", file=sys.stderr)
-        return 1
     try:
-        m = load_from_args(args, max_batch=args.max_batch)
+        m = prepare_server(args, ("fastapi", "uvicorn", "prometheus_client"), "pip install 'glm[serve]'")
     except CLIError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1

@@ -24,12 +24,11 @@ from glm.options import (
     CLIError,
     add_model_args,
     add_sampling_args,
-    bind_error,
     check_model_args,
     count_type,
     is_oom,
-    load_from_args,
     model_name,
+    prepare_server,
     settings_from_args,
     summary,
 )
@@ -263,18 +262,8 @@ def main(argv: list[str] | None = None, prog: str = "glm-web") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     check_model_args(parser, args)
-    import importlib.util
-
-    if importlib.util.find_spec("gradio") is None:  # found without importing it: importing takes seconds
-        print(f"{prog}: error: the web page needs Gradio: pip install 'gradio>=6,<7' (or: pip install 'glm[web]')",
-              file=sys.stderr)
-        return 1
-    why = bind_error(args.host, args.port)  # before loading, which can take minutes
-    if why:
-        print(f"{prog}: error: {why}", file=sys.stderr)
-        return 1
     try:
-        m = load_from_args(args, max_batch=args.max_batch)
+        m = prepare_server(args, ("gradio",), "pip install 'gradio>=6,<7' (or: pip install 'glm[web]')")
     except CLIError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
