@@ -117,12 +117,10 @@ def replies(engine, request: Request) -> Iterator[tuple[str, bool]]:
     Closing the iterator early cancels the request, so its cache row is free for the next one at once.
     """
     dec = StreamDecoder(engine.tokenizer)
-    eos, stop_at_eos = engine.config.eos_token_id, request.config.stop_at_eos
     try:
         for t in request:
             dec.put(t)
-            last = (stop_at_eos and t == eos) or len(request.tokens) >= request.budget
-            yield process_response(dec.current), last
+            yield process_response(dec.current), request.ending is not None
     finally:
         request.cancel()
     if request.result is not None and request.result.nan:

@@ -335,6 +335,7 @@ class Request:
         self.tokens: list[int] = []
         self.result: Result | None = None
         self.nan = False
+        self.ending: str | None = None  # the finish reason, set just before the last token is handed out
         self.error: BaseException | None = None
         self.arrived = time.perf_counter()
         self.first_token_at: float | None = None
@@ -696,14 +697,18 @@ class Scheduler:
             if b:
                 r.nan = True
             st["active"][i] = True
-            r._emit(t)
+            # The one place that decides where a request ends; `ending` is set before its last token is handed
+            # out, so that a reader of that token knows it is the last (the official stream skips it).
             stop = self._stop_string(r, t) if r.config.stop else None
             if stop is not None:
-                self._free(i, "stop", stop)
+                r.ending = "stop"
             elif r.config.stop_at_eos and t == eos:
-                self._free(i, "stop")
-            elif len(r.tokens) >= r.budget:
-                self._free(i, "length")
+                r.ending = "stop"
+            elif len(r.tokens) + 1 >= r.budget:
+                r.ending = "length"
+            r._emit(t)
+            if r.ending is not None:
+                self._free(i, r.ending, stop)
 
     def _stop_string(self, r: Request, t: int) -> str | None:
         from glm.tokenizer import StreamDecoder
