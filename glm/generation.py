@@ -9,6 +9,7 @@ on what else is in the batch. Every entry point (generate, chat, glm-chat, glm-w
 
 from __future__ import annotations
 
+import atexit
 import math
 import queue
 import threading
@@ -469,7 +470,7 @@ class Scheduler:
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(target=_work, args=(weakref.ref(self),), name="glm-scheduler",
                                                 daemon=True)
-                self._worker.start()
+                _start_worker(self._worker)
             self._cv.notify()
         return req
 
@@ -724,12 +725,31 @@ class Scheduler:
         return next((s for s in r.config.stop if s in tail), None)
 
 
+_workers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+_exiting = threading.Event()
+
+
+def _start_worker(t: threading.Thread) -> None:
+    if not _workers:
+        atexit.register(_stop_workers)  # once per process that generates anything, not at import
+    _workers.add(t)
+    t.start()
+
+
+def _stop_workers() -> None:
+    """At exit, before the interpreter tears down: a scheduler thread that woke up during finalization (or was in
+    the middle of a step) would abort the process from inside torch."""
+    _exiting.set()
+    for t in list(_workers):
+        t.join(timeout=30)
+
+
 def _work(ref: weakref.ref) -> None:
     """The scheduler's thread. It holds its scheduler only while working or waiting a moment for work, so that a
-    model nobody uses any more is freed, and the thread ends with it."""
+    model nobody uses any more is freed, and the thread ends with it (or when the program exits)."""
     with torch.inference_mode():
-        while (scheduler := ref()) is not None:
-            scheduler._run_once(idle_wait=1.0)
+        while not _exiting.is_set() and (scheduler := ref()) is not None:
+            scheduler._run_once(idle_wait=0.5)
             del scheduler
 
 
