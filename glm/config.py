@@ -44,7 +44,7 @@ class GLMConfig:
     quantization_group_size: int | None = None  # ours: grouped int4 (None = per output channel, the official one)
     quantize_lm_head: bool = False  # ours: lm_head stored quantized too
     pre_seq_len: int | None = None  # P-Tuning v2 prefix length
-    prefix_projection: bool = False
+    prefix_projection: bool = False  # P-Tuning v2 prefix through an MLP (glm.model.PrefixEncoder)
     model_type: str = "chatglm"
     architectures: list[str] = dataclasses.field(default_factory=lambda: ["ChatGLMModel"])
 
@@ -77,8 +77,6 @@ class GLMConfig:
         # ChatGLM2/3 reuse model_type "chatglm" but are a different architecture (multi-query attention, RMSNorm).
         if "multi_query_attention" in d or "padded_vocab_size" in d or d.get("position_encoding_2d") is False:
             raise ConfigError("this checkpoint is ChatGLM2/3 (GLM v2), not ChatGLM-6B v1: it is not supported")
-        if d.get("prefix_projection"):
-            raise ConfigError("P-Tuning v2 with prefix_projection=true is not supported; only the plain prefix")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
         if kwargs.get("quantization_bit") not in (None, 0, 4, 8):
