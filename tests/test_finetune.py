@@ -316,3 +316,40 @@ def test_quantized_training_step_never_holds_the_float_weights(bits):
     assert all(p.grad is not None for p in params)
     # Activations and a 2 MiB slice of dequantized rows or two: far from one float32 copy of the weights.
     assert mem.peak < float_bytes / 2, (mem.peak, float_bytes)
+
+
+# ---------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_loss_and_gradients_match_the_reference_on_gpu():
+    case = G["cases"][1]  # the MLP prefix: every kind of prefix parameter
+    m = glm.load(BASE, ptuning=TRAIN / case["prefix"], device="cuda", dtype="float32")
+    prefix_parameters(m)
+    loss = ptuning_loss(m, G["input_ids"], G["labels"])
+    loss.backward()
+    assert abs(loss.item() - case["loss"]) <= LOSS_TOL
+    named = dict(m.model.prefix_encoder.named_parameters())
+    for ck_name, golden_name in case["grads"].items():
+        ours, ref = named[ck_name.removeprefix("transformer.prefix_encoder.")].grad.cpu(), GT[golden_name]
+        assert (ours - ref).abs().max().item() <= GRAD_RTOL * ref.abs().max().item(), ck_name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fixture", ["glm-tiny-int8", "glm-tiny-int4"])
+def test_quantized_fp16_base_trains_on_gpu(fixture):
+    # The Triton kernels run the forward; the backward dequantizes a slice of rows at a time.
+    m = glm.load(FIXTURES / fixture, device="cuda", dtype="float16")
+    add_prefix(m, 6, seed=0)
+    params = prefix_parameters(m)
+    ids, labels = _random_rows(m.config, (12, 20))
+    opt = torch.optim.AdamW(params, lr=0.1, weight_decay=0.0)
+    losses = []
+    for _ in range(12):
+        loss = ptuning_loss(m, ids, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert m.model.layers[1].attention.dense.last_path == "triton"
+    assert losses[-1] < losses[0] - 3.0, losses

@@ -42,8 +42,9 @@ _REPACK_ROWS = 1024
 _DEQUANT_CHUNK_BYTES = 2 << 20
 # Rows quantized at a time in `from_linear`, to bound the fp32 copy of an fp16 weight.
 _QUANTIZE_ROWS = 1024
-# Dequantized rows per matmul of `grad_input` on a GPU: fewer, larger slices (kernel launches dominate there).
-_GRAD_CHUNK_BYTES_GPU = 64 << 20
+# Dequantized bytes (fp32) per matmul of `grad_input`: it sums over the slice's rows, so longer slices pay on a CPU
+# too (8 MiB: 1.5x faster than 2 MiB at 4096 -> 16384, 128 rows of bf16, one thread); on a GPU launches dominate.
+_GRAD_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 64 << 20}
 
 
 def _aten(name: str) -> Callable | None:
@@ -322,15 +323,15 @@ class QuantLinear(nn.Module):
     def grad_input(self, g: Tensor) -> Tensor:
         """dL/dx = g @ (q * scale), `[..., in_features]` from g `[..., out_features]`, in g's dtype.
 
-        The float weight is built a slice of rows at a time (~2 MiB on a CPU, ~64 MiB on a GPU), so no float copy
-        of the layer, let alone of the model, is ever held. Half inputs multiply in bf16 on a CPU (fast there) and
-        in their own dtype on a GPU; slices accumulate in fp32.
+        The float weight is built a slice of rows at a time (~8 MiB on a CPU, ~64 MiB on a GPU), so no float copy
+        of the layer, let alone of the model, is ever held. Half inputs multiply in their own dtype on a GPU and in
+        bf16 on a CPU (as the forward does); slices accumulate in fp32.
         """
         g2 = g.reshape(-1, self.out_features)
         n, k = self.out_features, self.in_features
         acc = torch.promote_types(g.dtype, torch.float32)
         cdt = g.dtype if g.dtype == acc or g.is_cuda else torch.bfloat16
-        budget = _DEQUANT_CHUNK_BYTES if g.device.type == "cpu" else _GRAD_CHUNK_BYTES_GPU
+        budget = _GRAD_CHUNK_BYTES.get(g.device.type, _DEQUANT_CHUNK_BYTES)
         rows = max(64, budget // (4 * k) // 64 * 64)  # whole 64-row blocks, as in `_forward_dequant_chunked`
         out = torch.zeros(g2.shape[0], k, dtype=acc, device=g.device)
         for r in range(0, n, rows):

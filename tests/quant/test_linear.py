@@ -304,7 +304,7 @@ def test_cuda_forward_matches_dequantize(bits, group_size):
 @pytest.mark.parametrize("bits,group_size", CASES)
 def test_backward_gives_the_input_its_gradient_and_the_frozen_weight_none(bits, group_size, dtype):
     # P-Tuning trains through frozen quantized layers: dL/dx = g @ (q * scale), rows dequantized a slice at a time.
-    k, n = 256, 4160  # n over one 2 MiB slice of rows at k = 256, and not a multiple of it
+    k, n = 256, 8256  # n over one 8 MiB slice of rows at k = 256, and not a multiple of it
     m = QuantLinear.from_linear(_linear(k, n), bits, group_size)
     x = torch.randn(2, 3, k).to(dtype).requires_grad_(True)
     y = m(x)
