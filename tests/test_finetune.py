@@ -193,7 +193,7 @@ def test_cli_trains_and_its_output_loads_and_changes_the_reply(tmp_path, chatglm
     r = _finetune("--model", BASE, "--train-file", TRAIN / "train.json", "--history-column", "history",
                   "--max-source-length", 16, "--max-target-length", 12, "--pre-seq-len", 8, "--learning-rate", 0.5,
                   "--batch-size", 4, "--gradient-accumulation-steps", 1, "--max-steps", 20, "--save-steps", 10,
-                  "--logging-steps", 5, "--output-dir", out)
+                  "--logging-steps", 5, "--validation-file", TRAIN / "train.json", "--output-dir", out)
     assert r.returncode == 0, r.stderr
     assert "saved the prefix to" in r.stderr
     assert {p.name for p in out.iterdir()} >= {"config.json", "pytorch_model.bin", "train_log.jsonl",
@@ -201,7 +201,10 @@ def test_cli_trains_and_its_output_loads_and_changes_the_reply(tmp_path, chatglm
     state = torch.load(out / "pytorch_model.bin", weights_only=True)
     assert list(state) == ["transformer.prefix_encoder.embedding.weight"]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in log] == [5, 10, 15, 20] and all(e["tokens_per_s"] > 0 for e in log)
+    train_log = [e for e in log if "loss" in e]
+    assert [e["step"] for e in train_log] == [5, 10, 15, 20] and all(e["tokens_per_s"] > 0 for e in train_log)
+    evals = [e for e in log if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [10, 20] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
 
     # The prefix the run started from (add_prefix with the run's seed, 42) against the trained one.
     opts = {**OPTS, "max_source_length": 16, "max_target_length": 12}
