@@ -104,7 +104,7 @@ class GLMConfig:
     quantization_group_size: int | None = None  # ours: grouped int4 (None = per output channel, the official one)
     quantize_lm_head: bool = False  # ours: lm_head stored quantized too
     pre_seq_len: int | None = None  # P-Tuning v2 prefix length
-    prefix_projection: bool = False
+    prefix_projection: bool = False  # P-Tuning v2 prefix through an MLP (glm.model.PrefixEncoder)
     model_type: str = "chatglm"
     architectures: list[str] = dataclasses.field(default_factory=lambda: ["ChatGLMModel"])
 
@@ -146,8 +146,6 @@ class GLMConfig:
                               "this engine runs ChatGLM-6B (GLM v1) only")
         if self.position_encoding_2d is False:
             raise ConfigError(GLM2)
-        if self.prefix_projection is True:
-            raise ConfigError("P-Tuning v2 with prefix_projection=true is not supported; only the plain prefix")
         if self.quantization_embeddings is True:
             raise ConfigError("quantization_embeddings=true (quantized embeddings, as in chatglm-6b-int4-qe) is not "
                               "supported: use the int4 or int8 release, or the float one with quant=4 or 8")

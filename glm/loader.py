@@ -56,7 +56,9 @@ WEIGHT_MAP: dict[str, str | None] = {
     "transformer.layers.{}.mlp.dense_4h_to_h.weight_scale": "layers.{}.mlp.dense_4h_to_h.weight_scale",
     "transformer.final_layernorm.weight": "final_layernorm.weight",
     "transformer.final_layernorm.bias": "final_layernorm.bias",
-    "transformer.prefix_encoder.embedding.weight": "prefix_encoder.weight",  # P-Tuning v2
+    "transformer.prefix_encoder.embedding.weight": "prefix_encoder.embedding.weight",  # P-Tuning v2
+    "transformer.prefix_encoder.trans.{}.weight": "prefix_encoder.trans.{}.weight",  # with prefix_projection
+    "transformer.prefix_encoder.trans.{}.bias": "prefix_encoder.trans.{}.bias",
     "lm_head.weight": "lm_head.weight",
     "lm_head.weight_scale": "lm_head.weight_scale",  # ours, with quantize_lm_head
 }
@@ -337,14 +339,16 @@ def build_model(
     """
     cfg = GLMConfig.from_json(folder / "config.json")
     files = checkpoint_files(folder)
+    prefix_files: list[Path] = []
     if ptuning is not None:
         if not ptuning.is_dir():
             raise CheckpointError(f"no P-Tuning folder {ptuning}")
         pcfg = GLMConfig.from_json(ptuning / "config.json")
         if not pcfg.pre_seq_len:
             raise CheckpointError(f"{ptuning}/config.json has no pre_seq_len: not a P-Tuning v2 checkpoint")
-        cfg.pre_seq_len = pcfg.pre_seq_len
-        files = files + checkpoint_files(ptuning)
+        cfg.pre_seq_len, cfg.prefix_projection = pcfg.pre_seq_len, pcfg.prefix_projection
+        prefix_files = checkpoint_files(ptuning)
+        files = files + prefix_files
     if quant and cfg.quantization_bit and quant != cfg.quantization_bit:
         raise CheckpointError(
             f"this checkpoint is already int{cfg.quantization_bit}; it cannot be re-quantized to int{quant}"
@@ -365,14 +369,19 @@ def build_model(
 
         bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="loading")
     for path in files:
+        from_prefix = ptuning is not None and path in prefix_files
         for ck_name, t in read_tensors(path):
             name = checkpoint_to_module(ck_name)
             if name is None or (cfg.tie_word_embeddings and name == "lm_head.weight"):
                 continue
-            if name == "prefix_encoder.weight" and not cfg.pre_seq_len:
+            is_prefix = name.startswith("prefix_encoder.")
+            # A P-Tuning folder contributes its prefix encoder only, as the official scripts load it.
+            if (is_prefix and not cfg.pre_seq_len) or (from_prefix and not is_prefix):
                 continue
             _check_tensor(ck_name, t, _expected(model, name), stored_quant)
-            if t.is_floating_point() and not name.endswith("weight_scale"):
+            if is_prefix:  # the prefix encoder stays float32, as the official scripts keep it
+                t = t.to(device=device, dtype=torch.float32)
+            elif t.is_floating_point() and not name.endswith("weight_scale"):
                 t = t.to(device=device, dtype=dtype)
             else:  # int8 weights as stored; scales as stored (upcast at use, never rounded down)
                 t = t.to(device=device)
@@ -444,6 +453,31 @@ def save_checkpoint(model: GLM, folder: str | os.PathLike, tokenizer_folder: Pat
     return out
 
 
+def save_prefix(model: GLM, folder: str | os.PathLike, base_folder: Path | None = None) -> Path:
+    """Write a P-Tuning v2 prefix as the official ptuning scripts save it.
+
+    `config.json`: the base's (read from `base_folder` when given) with `pre_seq_len` and `prefix_projection`;
+    `pytorch_model.bin`: only `transformer.prefix_encoder.*`, float32. Each file is written whole, then renamed.
+    """
+    cfg = model.config
+    if not cfg.pre_seq_len:
+        raise CheckpointError("the model has no P-Tuning prefix to save")
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    base = Path(base_folder) / "config.json" if base_folder is not None else None
+    d = json.loads(base.read_text(encoding="utf-8")) if base is not None and base.is_file() else cfg.to_dict()
+    d.update(pre_seq_len=cfg.pre_seq_len, prefix_projection=cfg.prefix_projection)
+    state = {
+        module_to_checkpoint(f"prefix_encoder.{name}"): t.detach().float().cpu().contiguous()
+        for name, t in model.prefix_encoder.state_dict().items()
+    }
+    torch.save(state, out / "pytorch_model.bin.tmp")
+    os.replace(out / "pytorch_model.bin.tmp", out / "pytorch_model.bin")
+    (out / "config.json.tmp").write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(out / "config.json.tmp", out / "config.json")
+    return out
+
+
 __all__ = [
     "CheckpointError",
     "ConfigError",
@@ -453,4 +487,5 @@ __all__ = [
     "checkpoint_files",
     "resolve",
     "save_checkpoint",
+    "save_prefix",
 ]

@@ -81,6 +81,28 @@ class GLMBlock(nn.Module):
         return self.alpha * h + self.mlp(h)
 
 
+class PrefixEncoder(nn.Module):
+    """P-Tuning v2 prefix: pre_seq_len virtual tokens, each a key and a value for every layer, (P, L*2*C).
+
+    The official `PrefixEncoder`: an embedding of width L*2*C, or with `prefix_projection` an embedding of width C
+    through Linear -> tanh -> Linear. It stays float32 (the official training and inference keep it so); its
+    output is cast to the model dtype.
+    """
+
+    def __init__(self, cfg: GLMConfig):
+        super().__init__()
+        C, width = cfg.hidden_size, cfg.num_layers * 2 * cfg.hidden_size
+        self.embedding = nn.Embedding(cfg.pre_seq_len, C if cfg.prefix_projection else width)
+        self.trans = nn.Sequential(nn.Linear(C, C), nn.Tanh(), nn.Linear(C, width)) if cfg.prefix_projection else None
+        self.dropout = nn.Dropout(0.1)  # the official prefix dropout: active in training mode only
+
+    def forward(self, dtype: torch.dtype) -> Tensor:
+        x = self.embedding.weight  # the official embeds arange(P): the whole table, in order
+        if self.trans is not None:
+            x = self.trans(x)
+        return self.dropout(x.to(dtype))  # the reference casts to the model dtype, then drops out
+
+
 class GLM(nn.Module):
     """ChatGLM-6B. Stateless apart from the caches passed into `forward`."""
 
@@ -92,8 +114,7 @@ class GLM(nn.Module):
         self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.pre_seq_len:
-            # P-Tuning v2 prefix: per layer a key and a value of pre_seq_len positions, (P, L*2*C).
-            self.prefix_encoder = nn.Embedding(cfg.pre_seq_len, cfg.num_layers * 2 * cfg.hidden_size)
+            self.prefix_encoder = PrefixEncoder(cfg)
         self.register_buffer("inv_freq", rotary_inv_freq(cfg.head_dim), persistent=False)
 
     def init_buffers(self, device: torch.device | str) -> None:
@@ -108,12 +129,12 @@ class GLM(nn.Module):
     def device(self) -> torch.device:
         return self.final_layernorm.weight.device
 
-    def prefix_kv(self, layer: int) -> tuple[Tensor, Tensor]:
-        """The P-Tuning v2 prefix keys and values of one layer, each (1, H, P, D)."""
+    def prefix_kv(self) -> list[tuple[Tensor, Tensor]]:
+        """The P-Tuning v2 prefix keys and values of every layer, each (1, H, P, D); one encoder pass."""
         cfg = self.config
-        emb = self.prefix_encoder.weight.view(cfg.pre_seq_len, cfg.num_layers * 2, cfg.num_attention_heads, -1)
-        kv = emb[:, 2 * layer : 2 * layer + 2].to(self.dtype).permute(1, 2, 0, 3)  # (2, H, P, D)
-        return kv[0:1], kv[1:2]
+        kv = self.prefix_encoder(self.dtype).view(cfg.pre_seq_len, cfg.num_layers * 2, cfg.num_attention_heads, -1)
+        kv = kv.permute(1, 2, 0, 3).unsqueeze(1)  # (L*2, 1, H, P, D): layer i's key at 2i, its value at 2i+1
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(cfg.num_layers)]
 
     def forward(
         self,
@@ -123,6 +144,7 @@ class GLM(nn.Module):
         caches: list[KVCache] | None = None,
         input_pos: Tensor | None = None,
         last_only: bool = False,
+        logits_at: Tensor | None = None,
     ) -> Tensor:
         """One forward pass.
 
@@ -133,12 +155,13 @@ class GLM(nn.Module):
             caches: one KVCache per layer, or None for an uncached forward over `input_ids` alone.
             input_pos: (T,) long, the cache slots of the new tokens (with `caches`).
             last_only: compute logits for the last position only.
+            logits_at: (B, T) bool, compute logits only where True (training: the labelled positions).
         Returns:
-            logits (B, T, V), or (B, 1, V) with `last_only`, in float32.
+            logits (B, T, V), or (B, 1, V) with `last_only`, or (N, V) for the N positions of `logits_at`; float32.
         """
         x = self.word_embeddings(input_ids)  # (B, T, C)
         cos, sin = rotary_cos_sin(position_ids, self.inv_freq, x.dtype)
-        use_prefix = caches is None and self.config.pre_seq_len
+        prefix = self.prefix_kv() if caches is None and self.config.pre_seq_len else None
         for i, layer in enumerate(self.layers):
             x = layer(
                 x,
@@ -147,10 +170,12 @@ class GLM(nn.Module):
                 mask,
                 caches[i] if caches is not None else None,
                 input_pos,
-                self.prefix_kv(i) if use_prefix else None,
+                prefix[i] if prefix is not None else None,
             )
         if last_only:
             x = x[:, -1:]
+        elif logits_at is not None:
+            x = x[logits_at]  # (N, C)
         x = self.final_layernorm(x)
         return self.lm_head(x).float()
 
@@ -170,8 +195,7 @@ class GLM(nn.Module):
             return 0
         P = self.config.pre_seq_len
         pos = torch.arange(P, device=caches[0].k.device)
-        for i, c in enumerate(caches):
-            pk, pv = self.prefix_kv(i)
+        for c, (pk, pv) in zip(caches, self.prefix_kv()):
             B = c.k.shape[0]
             c.update(pos, pk.expand(B, -1, -1, -1).to(c.k.dtype), pv.expand(B, -1, -1, -1).to(c.v.dtype))
         return P

@@ -108,6 +108,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="int4 only: one scale per GROUP_SIZE inputs instead of one per output row")
     g.add_argument("--quant-lm-head", action="store_true",
                    help="with --quant: quantize the output layer too (1 GB in fp16; faster decoding on a CPU)")
+    g.add_argument("--ptuning", default=None, metavar="DIR",
+                   help="apply a P-Tuning v2 prefix (a glm-finetune or official ptuning output folder)")
     g.add_argument("--compile", action="store_true",
                    help="decode through torch.compile with CUDA graphs (fastest on a GPU; the first reply "
                         "waits for compilation)")
@@ -203,8 +205,8 @@ def load_from_args(args: argparse.Namespace, log=None, max_batch: int = 1):
     try:
         m = glm.load(args.model, revision=args.revision, device=args.device, dtype=args.dtype, quant=args.quant,
                      group_size=args.group_size, quantize_lm_head=args.quant_lm_head and bool(args.quant),
-                     compile=args.compile, max_batch=max_batch, max_context=args.max_context,
-                     progress=isatty(log))
+                     ptuning=getattr(args, "ptuning", None), compile=args.compile, max_batch=max_batch,
+                     max_context=args.max_context, progress=isatty(log))
     except (glm.CheckpointError, glm.ConfigError, glm.GenerationError, ValueError) as e:
         raise CLIError(str(e)) from None
     except ImportError as e:  # e.g. --quant before glm.quant is available, or a missing optional package

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU run: the GPU-marked tests, the kernel micro-benchmarks and the decode benchmarks.
-# Usage: bash scripts/gpu_check.sh [OUTDIR]   (writes gpu_tests.log and bench.jsonl there; default ./out)
+# One prepared GPU run: the GPU-marked tests, the kernel micro-benchmarks, the decode benchmarks and the P-Tuning
+# training step of the full model.
+# Usage: bash scripts/gpu_check.sh [OUTDIR]   (writes gpu_tests.log, bench.jsonl, bench_train.jsonl; default ./out)
 set -uo pipefail
 out=${1:-out}
 mkdir -p "$out"
@@ -20,3 +21,6 @@ timeout 240 python -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log" | t
   timeout 300 python scripts/bench_serve.py --device cuda --dtype float16 --quant 4 --clients 32 --requests 32 \
     --new 128
 } 2>&1 | tee "$out/bench_serve.jsonl"
+# P-Tuning v2 training of the full model, the official shape (batch 1, source 64, target 64, pre_seq_len 128); goal:
+# INT4 in <= 7 GB (peak_reserved_gb), fp16 the reference point.
+timeout 300 python scripts/bench_train.py --device cuda --modes fp16,int8,int4 --steps 5 2>&1 | tee "$out/bench_train.jsonl"

@@ -295,3 +295,26 @@ def test_cuda_forward_matches_dequantize(bits, group_size):
         else:  # a triton kernel may multiply fp32 in TF32 (10-bit mantissa); the dequant fallback is plain fp32
             tol = 2**-9 if m.last_path == "triton" else 1e-5
         assert ((y - truth).abs() <= tol * mag).all(), (dtype, m.last_path)
+
+
+# ---------------------------------------------------------------------------------------------- backward
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits,group_size", CASES)
+def test_backward_gives_the_input_its_gradient_and_the_frozen_weight_none(bits, group_size, dtype):
+    # P-Tuning trains through frozen quantized layers: dL/dx = g @ (q * scale), rows dequantized a slice at a time.
+    k, n = 256, 8256  # n over one 8 MiB slice of rows at k = 256, and not a multiple of it
+    m = QuantLinear.from_linear(_linear(k, n), bits, group_size)
+    x = torch.randn(2, 3, k).to(dtype).requires_grad_(True)
+    y = m(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref = g.double().view(-1, n) @ m.dequantized_weight(torch.float64)
+    mag = g.double().abs().view(-1, n) @ m.dequantized_weight(torch.float64).abs()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert x.grad.dtype == dtype and x.grad.shape == x.shape
+    assert ((x.grad.double().view(-1, k) - ref).abs() <= tol * mag).all()
+    assert m.bias.grad is None and not m.weight_scale.requires_grad
+    with torch.no_grad():
+        assert torch.equal(m(x), y.detach())  # the same forward with and without autograd

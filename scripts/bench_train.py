@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Benchmark a P-Tuning v2 training step of a ChatGLM-6B-shaped model with random weights (no download needed).
+
+One JSON row per mode: tokens/s of a training step (forward, backward to the prefix, AdamW step) and peak memory,
+on rows of the official shape (`--source` prompt tokens with `[gMASK] <sop>`, `--target` response tokens with
+`<eop>`, no padding), a float32 prefix of `--pre-seq-len` tokens, and a frozen base in fp16/bf16, INT8 or INT4.
+
+    python scripts/bench_train.py --layers 2                  # quick, CPU: bf16, int8, int4
+    python scripts/bench_train.py --device cuda               # the full model on a GPU: fp16, int8, int4
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import MODES, build_random, current_memory, device_name, peak_memory, reset_peak, sync  # noqa: E402
+
+from glm.config import GLMConfig  # noqa: E402
+from glm.finetune import add_prefix, prefix_parameters, ptuning_loss  # noqa: E402
+
+
+def random_rows(cfg: GLMConfig, batch: int, source: int, target: int, seed: int = 0):
+    """(input_ids, labels) of `batch` full-length rows: source - 1 + 2 + target - 2 + 1 = source + target tokens."""
+    g = torch.Generator().manual_seed(seed)
+    hi = min(cfg.mask_token_id, cfg.vocab_size) - 1
+    ids, labels = [], []
+    for _ in range(batch):
+        a = torch.randint(20, hi, (source - 1,), generator=g).tolist()
+        b = torch.randint(20, hi, (target - 2,), generator=g).tolist()
+        row = a + [cfg.gmask_token_id, cfg.bos_token_id] + b + [cfg.eos_token_id]
+        ids.append(row)
+        labels.append([-100] * source + row[source:])
+    return torch.tensor(ids), torch.tensor(labels)
+
+
+def bench_mode(cfg, device, dtype, quant, group_size, args) -> dict:
+    model = build_random(cfg, device, dtype, quant, group_size)
+    if cfg.tie_word_embeddings:  # as the release loads: one table for the embedding and the head
+        model.lm_head.weight = model.word_embeddings.weight
+    add_prefix(model, args.pre_seq_len, args.prefix_projection, seed=0)
+    params = prefix_parameters(model)
+    opt = torch.optim.AdamW(params, lr=2e-2, weight_decay=0.0)
+    ids, labels = random_rows(cfg, args.batch, args.source, args.target)
+    ids, labels = ids.to(device), labels.to(device)
+    gc.collect()
+    loaded = current_memory(device)
+    reset_peak(device)  # the peak of training, not of building the model from random float weights
+    model.prefix_encoder.train()
+
+    def step():
+        loss = ptuning_loss(model, ids, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    step()  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    sync(device)
+    dt = (time.perf_counter() - t0) / args.steps
+    row = {
+        "device": device_name(device),
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "layers": cfg.num_layers,
+        "dtype": str(dtype).removeprefix("torch."),
+        "quant": f"int{quant}" + (f"-g{group_size}" if group_size else "") if quant else None,
+        "batch": args.batch,
+        "source": args.source,
+        "target": args.target,
+        "pre_seq_len": args.pre_seq_len,
+        "prefix_projection": args.prefix_projection,
+        "step_s": round(dt, 3),
+        "train_tok_s": round(args.batch * (args.source + args.target) / dt, 1),
+        "loss": round(loss.item(), 3),
+        "model_mem_gb": round(loaded / 1e9, 3),  # process RSS on a CPU, allocated memory on a GPU
+        "peak_mem_gb": round(peak_memory(device) / 1e9, 3),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if device.type == "cuda":  # what nvidia-smi shows, less the CUDA context
+        row["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 3)
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--layers", type=int, default=None, help="number of blocks (default 28: the full model)")
+    p.add_argument("--modes", default=None,
+                   help=f"comma-separated from {','.join(MODES)} (default: cuda fp16,int8,int4; cpu bf16,int8,int4)")
+    p.add_argument("--act-dtype", default=None, help="activation dtype of quantized modes (default: fp16 cuda, "
+                                                     "bf16 cpu)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--source", type=int, default=64, help="prompt tokens, [gMASK] included (official: 64)")
+    p.add_argument("--target", type=int, default=64, help="response tokens, <sop> and <eop> included (official: 64)")
+    p.add_argument("--pre-seq-len", type=int, default=128, help="prefix tokens (official: 128)")
+    p.add_argument("--prefix-projection", action="store_true")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA GPU is available", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = GLMConfig.from_name("chatglm-6b")
+    if args.layers:
+        cfg.num_layers = args.layers
+    modes = (args.modes or ("fp16,int8,int4" if device.type == "cuda" else "bf16,int8,int4")).split(",")
+    act = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.act_dtype]
+    act = act or (torch.float16 if device.type == "cuda" else torch.bfloat16)
+    for mode in modes:
+        if mode not in MODES:
+            print(f"error: unknown mode {mode!r}; choose from {', '.join(MODES)}", file=sys.stderr)
+            return 2
+        dtype, quant, group = MODES[mode]
+        print(json.dumps(bench_mode(cfg, device, dtype or act, quant, group, args)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
