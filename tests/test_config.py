@@ -117,7 +117,6 @@ def test_flags_must_be_json_booleans(field, value):
 
 @pytest.mark.parametrize("kw,msg", [
     (dict(position_encoding_2d=False), "ChatGLM2"),
-    (dict(prefix_projection=True), "prefix_projection"),
     (dict(quantization_embeddings=True), "quantization_embeddings"),
     (dict(quantize_lm_head=True), "quantize_lm_head"),
     (dict(eos_token_id=1004), "must differ"),
@@ -207,3 +206,7 @@ def test_messages_stay_on_one_line_whatever_the_path(tmp_path):
     (d / "config.json").write_text("{")
     msg = refused(ConfigError, GLMConfig.from_json, d / "config.json")
     assert "two\\nlines\\u2028here" in msg
+
+
+def test_prefix_projection_is_accepted():
+    assert GLMConfig.from_dict(with_(pre_seq_len=4, prefix_projection=True)).prefix_projection is True
