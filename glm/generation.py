@@ -344,6 +344,7 @@ class Request:
         # Where events go: this queue (for iteration), or a callable of the caller's (an asyncio server's).
         self._put = sink if sink is not None else self._events.put
         self._cancel = threading.Event()
+        self._drained = False  # the end (or the error) has been read
         self._scheduler: Scheduler | None = None
         self._stop_text = None  # (StreamDecoder, text) when the request has stop strings
 
@@ -359,15 +360,18 @@ class Request:
         return self._cancel.is_set()
 
     def __iter__(self) -> Iterator[int]:
-        """The new ids as they come; raises the error that ended the request, if one did."""
-        while True:
+        """The new ids as they come; raises the error that ended the request, if one did. Once read to the end,
+        a request has nothing more to give: iterating it again (or `wait`) returns at once."""
+        while not self._drained:
             ev = self._events.get()
             if isinstance(ev, int):
                 yield ev
-            elif ev is None:
-                return
-            else:
+                continue
+            self._drained = True
+            if ev is not None:
                 raise ev
+        if self.error is not None:
+            raise self.error
 
     def wait(self) -> Result:
         for _ in self:

@@ -174,3 +174,9 @@ def test_prompts_admitted_together_share_one_prefill_and_match_the_goldens():
     outs = m.generate([c["input_ids"] for c in GREEDY], 24, stop_at_eos=False)  # prompts of 3 to 35 tokens
     for c, out in zip(GREEDY, outs):
         assert out[: len(c["greedy_ids"])] == c["greedy_ids"]
+
+
+def test_a_request_read_to_the_end_can_be_waited_on(tiny):
+    req = tiny.submit(GREEDY[0]["input_ids"], GenerationConfig(max_new_tokens=3, stop_at_eos=False))
+    assert len(list(req)) == 3
+    assert req.wait().completion_tokens == 3 and list(req) == []
