@@ -33,9 +33,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #ifndef GLM_CPU_NS  // the op namespace; the Python loader names it after the -march value
@@ -54,6 +56,7 @@ constexpr int kTileN = 16;  // output rows per tile
 constexpr int kBlockK = 32;  // K values per activation block (and per scale group at least)
 constexpr int kChunk = 64;  // bytes per chunk
 constexpr int kMaxRows = 8;  // rows of x per pass over the weights
+constexpr int64_t kTilesPerRun = 8;  // tiles a thread claims at a time (128 output channels)
 
 const char* isa_name() {
 #if defined(GLM_AVX512)
@@ -116,7 +119,8 @@ void quantize_rows(Acts& a, int32_t offset) {
   a.xq.resize(a.m * a.kp);
   a.xd.resize(a.m * a.nb);
   a.xc.resize(a.m * a.nb);
-  at::parallel_for(0, a.m * a.nb, 64, [&](int64_t b0, int64_t b1) {
+  // Threads only for prefill-sized inputs: a parallel region costs more than quantizing a few rows.
+  at::parallel_for(0, a.m * a.nb, 2048, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float* x = a.xf + (b / a.nb) * a.kp + (b % a.nb) * kBlockK;
       int8_t* q = a.xq.data() + (b / a.nb) * a.kp + (b % a.nb) * kBlockK;
@@ -569,31 +573,38 @@ at::Tensor wq_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const float* sp = scale.data_ptr<float>();
   const int64_t tile_bytes = kTileN * kp * bits / 8;
   const auto type = x.scalar_type();
-  at::parallel_for(0, np / kTileN, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> tile(kRowsPerPass * kTileN);
-    for (int64_t ti = t0; ti < t1; ++ti) {
-      const int64_t n0 = ti * kTileN;
-      const int valid = static_cast<int>(std::min<int64_t>(kTileN, n - n0));
-      TileArgs t{&a, 0, group_size ? sp + ti * groups * kTileN : nullptr, group_size / kBlockK};
-      const float* chan_scale = group_size ? nullptr : sp + n0;
-      const float* tile_bias = bias_p ? bias_p + n0 : nullptr;
-      for (int64_t m0 = 0; m0 < m; m0 += kRowsPerPass) {
-        const int mr = static_cast<int>(std::min<int64_t>(kRowsPerPass, m - m0));
-        t.m0 = m0;
-        const uint8_t* wt = wp + ti * tile_bytes;
-        if (bits == 4)
-          fast ? run_rows_any<4, true>(mr, wt, t, chan_scale, tile_bias, valid, tile.data())
-               : run_rows_any<4, false>(mr, wt, t, chan_scale, tile_bias, valid, tile.data());
-        else
-          fast ? run_rows_any<8, true>(mr, wt, t, chan_scale, tile_bias, valid, tile.data())
-               : run_rows_any<8, false>(mr, wt, t, chan_scale, tile_bias, valid, tile.data());
-        switch (type) {
-          case at::kFloat: store_rows(tile.data(), mr, n0, valid, y.data_ptr<float>() + m0 * n, n); break;
-          case at::kBFloat16: store_rows(tile.data(), mr, n0, valid, y.data_ptr<c10::BFloat16>() + m0 * n, n); break;
-          default: store_rows(tile.data(), mr, n0, valid, y.data_ptr<c10::Half>() + m0 * n, n); break;
-        }
+  auto one_tile = [&](int64_t ti, float* tile) {
+    const int64_t n0 = ti * kTileN;
+    const int valid = static_cast<int>(std::min<int64_t>(kTileN, n - n0));
+    const uint8_t* wt = wp + ti * tile_bytes;
+    TileArgs t{&a, 0, group_size ? sp + ti * groups * kTileN : nullptr, group_size / kBlockK};
+    const float* chan_scale = group_size ? nullptr : sp + n0;
+    const float* tile_bias = bias_p ? bias_p + n0 : nullptr;
+    for (int64_t m0 = 0; m0 < m; m0 += kRowsPerPass) {  // more rows than one pass: the tile is in cache by then
+      const int mr = static_cast<int>(std::min<int64_t>(kRowsPerPass, m - m0));
+      t.m0 = m0;
+      if (bits == 4)
+        fast ? run_rows_any<4, true>(mr, wt, t, chan_scale, tile_bias, valid, tile)
+             : run_rows_any<4, false>(mr, wt, t, chan_scale, tile_bias, valid, tile);
+      else
+        fast ? run_rows_any<8, true>(mr, wt, t, chan_scale, tile_bias, valid, tile)
+             : run_rows_any<8, false>(mr, wt, t, chan_scale, tile_bias, valid, tile);
+      switch (type) {
+        case at::kFloat: store_rows(tile, mr, n0, valid, y.data_ptr<float>() + m0 * n, n); break;
+        case at::kBFloat16: store_rows(tile, mr, n0, valid, y.data_ptr<c10::BFloat16>() + m0 * n, n); break;
+        default: store_rows(tile, mr, n0, valid, y.data_ptr<c10::Half>() + m0 * n, n); break;
       }
     }
+  };
+  // Threads claim runs of tiles from a shared counter rather than a fixed share each: on a machine shared with
+  // other work, a thread that loses its core for a while then delays the call by one run, not by half the matrix.
+  const int64_t ntiles = np / kTileN;
+  const int64_t run = std::clamp<int64_t>(ntiles / (4 * at::get_num_threads()), 1, kTilesPerRun);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    std::vector<float> tile(kRowsPerPass * kTileN);
+    for (int64_t t0 = next.fetch_add(run); t0 < ntiles; t0 = next.fetch_add(run))
+      for (int64_t ti = t0; ti < std::min(t0 + run, ntiles); ++ti) one_tile(ti, tile.data());
   });
   return y;
 }
@@ -662,6 +673,117 @@ at::Tensor unpack_rows(const at::Tensor& w, const at::Tensor& scale, const at::T
   return out;
 }
 
+// ------------------------------------------------------------------------------------------------ dequantize
+
+// One tile's q * scale, transposed: out[kk * ldo + l] for K value kk and channel l of the tile (the first `valid`).
+// Many-row inputs multiply this [K, channels] slice by x with one GEMM.
+#if defined(GLM_AVX512)
+template <typename T>
+inline void store16(T* dst, __m512 v, __mmask16 mask) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(dst, mask, v);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {  // bfloat16, rounded to nearest even like c10::BFloat16 (no NaN can occur here)
+    __m512i b = _mm512_castps_si512(v);
+    b = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                             _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1))));
+    _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)));
+  }
+}
+
+template <int BITS, typename T>
+void dequant_tile_t(const uint8_t* wt, const float* cs, const float* gs, int64_t blocks_per_group, int64_t k,
+                    T* out, int64_t ldo, int valid) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+  const __m512 lut = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i top[4];
+  for (int j = 0; j < 4; ++j)
+    top[j] = _mm512_broadcast_i32x4(_mm_setr_epi32(j << 24 | 0x808080, (4 + j) << 24 | 0x808080,
+                                                   (8 + j) << 24 | 0x808080, (12 + j) << 24 | 0x808080));
+  __m512 s = cs ? _mm512_loadu_ps(cs) : _mm512_setzero_ps();
+  for (int64_t b = 0; b * kBlockK < k; ++b) {
+    if (gs) s = _mm512_loadu_ps(gs + (b / blocks_per_group) * kTileN);
+    if constexpr (BITS == 4) {
+      for (int c = 0; c < 4; ++c) {
+        const __m512i v = _mm512_loadu_si512(wt + (b * 4 + c) * kChunk);
+        for (int h = 0; h < 8; ++h) {
+          const int64_t kk = b * kBlockK + c * 8 + h / 2 + 4 * (h % 2);
+          if (kk < k) store16(out + kk * ldo, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * h), lut), s),
+                              mask);
+        }
+      }
+    } else {
+      const __m512 s24 = _mm512_mul_ps(s, _mm512_set1_ps(0x1p-24f));
+      for (int c = 0; c < 8; ++c) {
+        const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(wt + (b * 8 + c) * kChunk), flip);
+        for (int j = 0; j < 4; ++j) {
+          const int64_t kk = b * kBlockK + c * 4 + j;
+          if (kk < k) store16(out + kk * ldo, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_shuffle_epi8(v, top[j])), s24),
+                              mask);
+        }
+      }
+    }
+  }
+}
+#else
+template <int BITS, typename T>
+void dequant_tile_t(const uint8_t* wt, const float* cs, const float* gs, int64_t blocks_per_group, int64_t k,
+                    T* out, int64_t ldo, int valid) {
+  constexpr int per_chunk = BITS == 4 ? 8 : 4;
+  constexpr int32_t off = BITS == 4 ? 8 : 128;
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const int64_t b = kk / kBlockK;
+    const uint8_t* chunk = wt + (kk / per_chunk) * kChunk;
+    const int j = static_cast<int>(kk % per_chunk);
+    for (int l = 0; l < valid; ++l) {
+      const uint8_t byte = chunk[l * 4 + (j & 3)];
+      const int32_t u = BITS == 8 ? byte : (j < 4 ? (byte & 0xF) : (byte >> 4));
+      const float sc = gs ? gs[(b / blocks_per_group) * kTileN + l] : cs[l];
+      out[kk * ldo + l] = static_cast<T>(static_cast<float>(u - off) * sc);
+    }
+  }
+}
+#endif
+
+void unpack_t(const at::Tensor& w, const at::Tensor& scale, int64_t bits, int64_t group_size, int64_t n, int64_t k,
+              int64_t r0, at::Tensor& out) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  const int64_t kp = round_up(k, kBlockK), np = round_up(n, kTileN);
+  const int64_t groups = group_size ? kp / group_size : 0;
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.numel() == np * kp * bits / 8,
+              "w must be the contiguous uint8 tile16 layout");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+              scale.numel() == (group_size ? np * groups : np), "scale has the wrong size for this layout");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == k && out.is_contiguous(), "out must be a contiguous [K, rows] tensor");
+  const int64_t r1 = r0 + out.size(1);
+  TORCH_CHECK(0 <= r0 && r0 % kTileN == 0 && r1 <= n, "rows [r0, r1) must start on a tile of 16 and end by N");
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const int64_t tile_bytes = kTileN * kp * bits / 8, ldo = r1 - r0;
+  auto run = [&](auto* o) {
+    at::parallel_for(r0 / kTileN, (r1 + kTileN - 1) / kTileN, 4, [&](int64_t t0, int64_t t1) {
+      for (int64_t ti = t0; ti < t1; ++ti) {
+        const int valid = static_cast<int>(std::min<int64_t>(kTileN, r1 - ti * kTileN));
+        const float* cs = group_size ? nullptr : sp + ti * kTileN;
+        const float* gs = group_size ? sp + ti * groups * kTileN : nullptr;
+        auto* dst = o + (ti * kTileN - r0);
+        if (bits == 4)
+          dequant_tile_t<4>(wp + ti * tile_bytes, cs, gs, group_size / kBlockK, k, dst, ldo, valid);
+        else
+          dequant_tile_t<8>(wp + ti * tile_bytes, cs, gs, group_size / kBlockK, k, dst, ldo, valid);
+      }
+    });
+  };
+  switch (out.scalar_type()) {
+    case at::kFloat: run(out.data_ptr<float>()); break;
+    case at::kBFloat16: run(out.data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: run(out.data_ptr<c10::Half>()); break;
+    default: TORCH_CHECK(false, "out must be float32, bfloat16 or float16");
+  }
+}
+
 std::string isa() { return isa_name(); }
 
 }  // namespace
@@ -669,10 +791,12 @@ std::string isa() { return isa_name(); }
 TORCH_LIBRARY(GLM_CPU_NS, m) {
   m.def("wq_linear(Tensor x, Tensor w, Tensor scale, Tensor? bias, int bits, int group_size, int n, bool fast) -> Tensor");
   m.def("unpack_rows(Tensor w, Tensor scale, Tensor rows, int bits, int group_size, int n, int k, ScalarType dtype) -> Tensor");
+  m.def("unpack_t(Tensor w, Tensor scale, int bits, int group_size, int n, int k, int r0, Tensor(a!) out) -> ()");
   m.def("isa() -> str", isa);
 }
 
 TORCH_LIBRARY_IMPL(GLM_CPU_NS, CPU, m) {
   m.impl("wq_linear", wq_linear);
   m.impl("unpack_rows", unpack_rows);
+  m.impl("unpack_t", unpack_t);
 }

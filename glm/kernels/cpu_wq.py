@@ -39,6 +39,8 @@ __all__ = [
     "cpu_kernels",
     "cpu_unpack_rows",
     "cpu_unpack_rows_reference",
+    "cpu_unpack_t",
+    "cpu_unpack_t_reference",
     "cpu_wq_linear",
     "cpu_wq_linear_reference",
     "pack_tiles",
@@ -187,7 +189,7 @@ def _cpu_flags() -> str:
 
 @functools.cache
 def cpu_kernels(arch: str = "native"):
-    """The compiled ops (``wq_linear``, ``unpack_rows``, ``isa``), built on first call; None where no build works.
+    """The compiled ops (``wq_linear``, ``unpack_rows``, ``unpack_t``, ``isa``), built on first call, or None.
 
     Args:
         arch: the ``-march`` value; tests also build ``haswell`` (AVX2) and ``x86-64`` (plain C++) to cover every
@@ -220,6 +222,7 @@ def cpu_kernels(arch: str = "native"):
         lambda x, w, scale, bias, bits, group_size, n, fast: x.new_empty(x.shape[0], n))
     torch.library.register_fake(f"{ns}::unpack_rows")(
         lambda w, scale, rows, bits, group_size, n, k, dtype: w.new_empty(rows.shape[0], k, dtype=dtype))
+    torch.library.register_fake(f"{ns}::unpack_t")(lambda w, scale, bits, group_size, n, k, r0, out: None)
     return getattr(torch.ops, ns)
 
 
@@ -244,6 +247,27 @@ def cpu_wq_linear(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None, bits
     ops = ops or cpu_kernels()
     _check_group(x.shape[-1], group_size)
     return ops.wq_linear(x.contiguous(), w, scale, bias, bits, group_size or 0, n, fast)
+
+
+def cpu_unpack_t(w: Tensor, scale: Tensor, bits: int, group_size: int | None, n: int, k: int, r0: int,
+                 out: Tensor, ops=None) -> Tensor:
+    """``(q * scale)[r0 : r0 + out.shape[1]].T`` written into ``out`` ``[K, rows]`` (fp32 product, rounded once).
+
+    The weight slice of a GEMM with many rows of x (``x @ out``); ``r0`` must be a multiple of 16. Writing into a
+    buffer the caller reuses saves the page faults of a fresh allocation per slice.
+
+    Returns:
+        ``out``.
+    """
+    ops = ops or cpu_kernels()
+    ops.unpack_t(w, scale, bits, group_size or 0, n, k, r0, out)
+    return out
+
+
+def cpu_unpack_t_reference(w: Tensor, scale: Tensor, bits: int, group_size: int | None, n: int, k: int, r0: int,
+                           r1: int, dtype: torch.dtype) -> Tensor:
+    """Pure-torch :func:`cpu_unpack_t`."""
+    return _ref_weight(w, scale, bits, group_size, n, k)[r0:r1].T.float().to(dtype).contiguous()
 
 
 def cpu_unpack_rows(w: Tensor, scale: Tensor, rows: Tensor, bits: int, group_size: int | None, n: int, k: int,

@@ -14,10 +14,11 @@ Forward dispatch (`last_path` names the one taken):
     "triton"      CUDA with triton: `glm.kernels.wq_linear`, the fused dequantize-matmul (imported lazily).
     "cpu_exact"   CPU, `cpu_kernel == "exact"` (the default), up to `exact_max_rows` rows: our kernel with float
                   activations, `F.linear(x, q * scale, b)` in fp32 up to summation order, whatever x's dtype.
-    "cpu_fast"    CPU, `cpu_kernel == "fast"`: our kernel with x quantized to int8 per block of 32 (ggml's q8_0)
-                  and integer dot products (VNNI). Faster, and its cost grows little with the rows; not exact.
+    "cpu_fast"    CPU, `cpu_kernel == "fast"`, up to `fast_max_rows` rows: our kernel with x quantized to int8 per
+                  block of 32 (ggml's q8_0) and integer dot products (VNNI). Faster, and its cost grows little
+                  with the rows; not exact.
     "dequant"     everything else: dequantize ~2 MiB of rows at a time and matmul them (fp32 input in fp32, half
-                  input in bf16). Many-row exact inputs (prefill) take it: one bf16 GEMM beats the kernel there.
+                  input in bf16). Long prompts take it in both modes: there one bf16 GEMM beats the kernels.
     "int8_stock", "int4_stock"
                   CPU where our kernel cannot be built (no compiler): torch's `_weight_int8pack_mm` and
                   `_weight_int4pack_mm_for_cpu`, bf16, few rows. The int4 one keeps its own repacked copy besides
@@ -38,6 +39,7 @@ from glm.kernels.cpu_wq import (
     TILE_N,
     cpu_kernels,
     cpu_unpack_rows,
+    cpu_unpack_t,
     cpu_wq_linear,
     pack_tiles,
     tile_bias,
@@ -104,8 +106,10 @@ class QuantLinear(nn.Module):
 
     # The CPU kernel mode: "exact" (float activations) or "fast" (int8 activations); see `glm.quant.set_cpu_kernel`.
     cpu_kernel: str = "exact"
-    # Up to this many rows the exact CPU kernel beats dequantize + one bf16 GEMM (see docs/benchmarks.md).
-    exact_max_rows: int = 16
+    # Up to this many rows the CPU kernels beat dequantizing slices and one bf16 GEMM each (docs/benchmarks.md):
+    # their cost grows with the rows, a GEMM's hardly does. Tuning knobs: assign to the class or to one module.
+    exact_max_rows: int = 32
+    fast_max_rows: int = 128
 
     weight: Tensor | None
     weight_scale: Tensor
@@ -318,14 +322,10 @@ class QuantLinear(nn.Module):
             self.last_path = path
 
     def _forward_tiles(self, x2: Tensor) -> Tensor:
-        if self.cpu_kernel == "fast":
-            self._mark("cpu_fast")
-            fast = True
-        elif x2.shape[0] <= self.exact_max_rows:
-            self._mark("cpu_exact")
-            fast = False
-        else:
+        fast = self.cpu_kernel == "fast"
+        if x2.shape[0] > (self.fast_max_rows if fast else self.exact_max_rows):
             return self._forward_dequant(x2)
+        self._mark("cpu_fast" if fast else "cpu_exact")
         return cpu_wq_linear(x2, self._tiles, self._tile_scale, self._tile_bias, self.bits, self.group_size,
                              self.out_features, fast)
 
@@ -337,11 +337,12 @@ class QuantLinear(nn.Module):
         n, k = self.out_features, self.in_features
         rows = max(TILE_N, _DEQUANT_CHUNK_BYTES // (4 * k) // TILE_N * TILE_N)
         out = torch.empty(x2.shape[0], n, dtype=cdt, device=x2.device)
+        buf = torch.empty(k, rows, dtype=cdt) if self._tiles is not None else None
         for r in range(0, n, rows):
             r1 = min(r + rows, n)
-            if self._tiles is not None:
-                idx = torch.arange(r, r1)
-                w = cpu_unpack_rows(self._tiles, self._tile_scale, idx, self.bits, self.group_size, n, k, cdt)
+            if buf is not None:  # the kernel layout gives the slice transposed, [K, r1 - r]
+                wt = buf if r1 - r == rows else torch.empty(k, r1 - r, dtype=cdt)
+                w = cpu_unpack_t(self._tiles, self._tile_scale, self.bits, self.group_size, n, k, r, wt).t()
             else:
                 s = self.weight_scale[r:r1]
                 w = dequantize(self.weight[r:r1], s, self.bits, self.group_size, dtype=cdt)

@@ -11,6 +11,8 @@ from glm.kernels.cpu_wq import (
     cpu_kernels,
     cpu_unpack_rows,
     cpu_unpack_rows_reference,
+    cpu_unpack_t,
+    cpu_unpack_t_reference,
     cpu_wq_linear,
     cpu_wq_linear_reference,
     pack_tiles,
@@ -119,6 +121,17 @@ def test_unpack_rows_matches_reference(ops, bits, group_size, n, k):
         assert torch.equal(got, cpu_unpack_rows_reference(w, s, rows, bits, group_size, n, k, dtype))
 
 
+@pytest.mark.parametrize("bits,group_size,n,k", SHAPES)
+def test_unpack_t_matches_reference(ops, bits, group_size, n, k):
+    _, w, s, _ = _layer(bits, group_size, n, k)
+    for r0, r1 in ((0, n), (16, n), (0, 16)):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            got = cpu_unpack_t(w, s, bits, group_size, n, k, r0, torch.empty(k, r1 - r0, dtype=dtype), ops=ops)
+            assert torch.equal(got, cpu_unpack_t_reference(w, s, bits, group_size, n, k, r0, r1, dtype))
+    with pytest.raises(RuntimeError, match="tile of 16"):
+        cpu_unpack_t(w, s, bits, group_size, n, k, 3, torch.empty(k, n - 3), ops=ops)
+
+
 def test_ops_compile_with_torch_compile(ops):
     _, w, s, b = _layer(8, 32, 48, 64)
     x = torch.randn(3, 64)
@@ -143,3 +156,7 @@ def test_every_code_path(arch, isa):
             for m in (1, 5):
                 for dtype in (torch.float32, torch.bfloat16):
                     _check(other, bits, group_size, n, k, m, dtype, fast)
+        _, w, s, _ = _layer(bits, group_size, n, k)
+        for dtype in (torch.float32, torch.bfloat16):
+            got = cpu_unpack_t(w, s, bits, group_size, n, k, 0, torch.empty(k, n, dtype=dtype), ops=other)
+            assert torch.equal(got, cpu_unpack_t_reference(w, s, bits, group_size, n, k, 0, n, dtype))
