@@ -157,7 +157,7 @@ constexpr int kLanes = 16;
 // rows alone do not (at MR = 1, one chain would make the kernel latency-bound, not bandwidth-bound).
 template <int MR>
 constexpr int chains() {
-  return MR <= 2 ? 4 : 2;
+  return MR <= 2 ? 4 : (MR <= 4 ? 2 : 1);  // MR * chains >= 4, and at MR = 8 no spills out of the 32 registers
 }
 
 template <int MR, int BITS>
