@@ -784,6 +784,69 @@ void unpack_t(const at::Tensor& w, const at::Tensor& scale, int64_t bits, int64_
   }
 }
 
+// ------------------------------------------------------------------------------------------------ layout
+
+// The official stored weight (int8 [N, K * bits / 8]; INT4: q[2i] in the high nibble of byte i, q[2i+1] in the
+// low one) into the tile16 layout and back: the same mapping as pack_tiles / unpack_tiles in cpu_wq.py, in one pass.
+template <bool TO_TILES>
+void convert_layout(uint8_t* tiles, int8_t* official, int64_t bits, int64_t n, int64_t k) {
+  const int64_t kp = round_up(k, kBlockK), np = round_up(n, kTileN), kb = k * bits / 8;
+  const int per_chunk = bits == 4 ? 8 : 4;
+  const int64_t chunks = kp / per_chunk;
+  at::parallel_for(0, np / kTileN, 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t ti = t0; ti < t1; ++ti)
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int l = 0; l < kTileN; ++l) {
+          const int64_t r = ti * kTileN + l;
+          uint8_t* dst = tiles + (ti * chunks + c) * kChunk + l * 4;
+          for (int j = 0; j < 4; ++j) {
+            if (bits == 8) {
+              const int64_t kk = c * 4 + j;
+              const bool in = r < n && kk < k;
+              if (TO_TILES)
+                dst[j] = in ? static_cast<uint8_t>(official[r * kb + kk]) ^ 0x80 : 0x80;
+              else if (in)
+                official[r * kb + kk] = static_cast<int8_t>(dst[j] ^ 0x80);
+              continue;
+            }
+            uint8_t u[2];  // the values at k = c*8 + j (low nibble) and c*8 + 4 + j (high nibble), as q + 8
+            for (int h = 0; h < 2; ++h) {
+              const int64_t kk = c * 8 + j + 4 * h;
+              const bool in = r < n && kk < k;
+              const uint8_t byte = in ? static_cast<uint8_t>(official[r * kb + kk / 2]) : 0;
+              if (TO_TILES) {
+                u[h] = in ? (((kk % 2 ? byte : byte >> 4) & 0xF) ^ 8) : 8;  // 4-bit two's complement q -> q + 8
+              } else if (in) {
+                const uint8_t q4 = ((h ? dst[j] >> 4 : dst[j]) & 0xF) ^ 8;
+                uint8_t& o = reinterpret_cast<uint8_t&>(official[r * kb + kk / 2]);
+                o = kk % 2 ? ((o & 0xF0) | q4) : ((o & 0x0F) | (q4 << 4));
+              }
+            }
+            if (TO_TILES) dst[j] = static_cast<uint8_t>(u[0] | (u[1] << 4));
+          }
+        }
+  });
+}
+
+at::Tensor to_tiles(const at::Tensor& official, int64_t bits, int64_t k) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(official.scalar_type() == at::kChar && official.dim() == 2 && official.is_contiguous() &&
+              official.size(1) == k * bits / 8, "official must be the contiguous int8 [N, K * bits / 8] weight");
+  const int64_t n = official.size(0);
+  at::Tensor tiles = at::empty({round_up(n, kTileN) * round_up(k, kBlockK) * bits / 8}, at::kByte);
+  convert_layout<true>(tiles.data_ptr<uint8_t>(), official.data_ptr<int8_t>(), bits, n, k);
+  return tiles;
+}
+
+at::Tensor from_tiles(const at::Tensor& tiles, int64_t bits, int64_t n, int64_t k) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.is_contiguous() &&
+              tiles.numel() == round_up(n, kTileN) * round_up(k, kBlockK) * bits / 8, "tiles has the wrong size");
+  at::Tensor official = at::empty({n, k * bits / 8}, at::kChar);
+  convert_layout<false>(tiles.data_ptr<uint8_t>(), official.data_ptr<int8_t>(), bits, n, k);
+  return official;
+}
+
 std::string isa() { return isa_name(); }
 
 }  // namespace
@@ -792,6 +855,8 @@ TORCH_LIBRARY(GLM_CPU_NS, m) {
   m.def("wq_linear(Tensor x, Tensor w, Tensor scale, Tensor? bias, int bits, int group_size, int n, bool fast) -> Tensor");
   m.def("unpack_rows(Tensor w, Tensor scale, Tensor rows, int bits, int group_size, int n, int k, ScalarType dtype) -> Tensor");
   m.def("unpack_t(Tensor w, Tensor scale, int bits, int group_size, int n, int k, int r0, Tensor(a!) out) -> ()");
+  m.def("to_tiles(Tensor official, int bits, int k) -> Tensor");
+  m.def("from_tiles(Tensor tiles, int bits, int n, int k) -> Tensor");
   m.def("isa() -> str", isa);
 }
 
@@ -799,4 +864,6 @@ TORCH_LIBRARY_IMPL(GLM_CPU_NS, CPU, m) {
   m.impl("wq_linear", wq_linear);
   m.impl("unpack_rows", unpack_rows);
   m.impl("unpack_t", unpack_t);
+  m.impl("to_tiles", to_tiles);
+  m.impl("from_tiles", from_tiles);
 }

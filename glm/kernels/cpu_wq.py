@@ -43,9 +43,11 @@ __all__ = [
     "cpu_unpack_t_reference",
     "cpu_wq_linear",
     "cpu_wq_linear_reference",
+    "official_from_tiles",
     "pack_tiles",
     "tile_bias",
     "tile_scales",
+    "tiles_from_official",
     "unpack_tiles",
 ]
 
@@ -189,7 +191,9 @@ def _cpu_flags() -> str:
 
 @functools.cache
 def cpu_kernels(arch: str = "native"):
-    """The compiled ops (``wq_linear``, ``unpack_rows``, ``unpack_t``, ``isa``), built on first call, or None.
+    """The compiled ops (``wq_linear``, ``unpack_rows``, ``unpack_t``, ``to_tiles``, ``from_tiles``, ``isa``), or None.
+
+    Built on first call.
 
     Args:
         arch: the ``-march`` value; tests also build ``haswell`` (AVX2) and ``x86-64`` (plain C++) to cover every
@@ -223,7 +227,27 @@ def cpu_kernels(arch: str = "native"):
     torch.library.register_fake(f"{ns}::unpack_rows")(
         lambda w, scale, rows, bits, group_size, n, k, dtype: w.new_empty(rows.shape[0], k, dtype=dtype))
     torch.library.register_fake(f"{ns}::unpack_t")(lambda w, scale, bits, group_size, n, k, r0, out: None)
+    torch.library.register_fake(f"{ns}::to_tiles")(
+        lambda official, bits, k: official.new_empty(_round_up(official.shape[0], TILE_N) * _round_up(k, BLOCK_K)
+                                                     * bits // 8, dtype=torch.uint8))
+    torch.library.register_fake(f"{ns}::from_tiles")(
+        lambda tiles, bits, n, k: tiles.new_empty(n, k * bits // 8, dtype=torch.int8))
     return getattr(torch.ops, ns)
+
+
+def tiles_from_official(weight: Tensor, bits: int, k: int, ops=None) -> Tensor:
+    """The tile16 bytes of an official stored weight (int8 ``[N, K * bits / 8]``), in one C++ pass.
+
+    Same result as ``pack_tiles(unpack_int4(weight) if bits == 4 else weight, bits)``, without the temporaries.
+    """
+    ops = ops or cpu_kernels()
+    return ops.to_tiles(weight.contiguous(), bits, k)
+
+
+def official_from_tiles(w: Tensor, bits: int, n: int, k: int, ops=None) -> Tensor:
+    """Inverse of :func:`tiles_from_official`: the official int8 ``[N, K * bits / 8]`` weight."""
+    ops = ops or cpu_kernels()
+    return ops.from_tiles(w, bits, n, k)
 
 
 def cpu_wq_linear(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None, bits: int, group_size: int | None,

@@ -41,10 +41,10 @@ from glm.kernels.cpu_wq import (
     cpu_unpack_rows,
     cpu_unpack_t,
     cpu_wq_linear,
-    pack_tiles,
+    official_from_tiles,
     tile_bias,
     tile_scales,
-    unpack_tiles,
+    tiles_from_official,
 )
 from glm.kernels.reference import dequantize, pack_int4, unpack_int4
 from glm.quant.primitives import quantize_grouped, quantize_per_channel
@@ -52,8 +52,6 @@ from glm.quant.primitives import quantize_grouped, quantize_per_channel
 __all__ = ["CPU_KERNELS", "QuantEmbedding", "QuantLinear"]
 
 CPU_KERNELS = ("exact", "fast")
-# Rows converted to or from the kernel layout at a time: a multiple of the tile height that bounds the temporaries.
-_CONVERT_ROWS = 1024
 # Dequantized rows per matmul in the "dequant" path: about 2 MiB of fp32 weight, so it stays in cache.
 _DEQUANT_CHUNK_BYTES = 2 << 20
 # Rows quantized at a time in `from_linear`, to bound the fp32 copy of an fp16 weight.
@@ -62,10 +60,6 @@ _QUANTIZE_ROWS = 1024
 _STOCK_INT4_GROUPS = (256, 128, 64, 32)
 # Up to this many rows torch's stock weight-only kernels beat dequantize + bf16 GEMM (their cost grows per row).
 _STOCK_MAX_ROWS = {8: 48, 4: 96}
-
-
-def _round_up(v: int, m: int) -> int:
-    return -(-v // m) * m
 
 
 _UNRESOLVED = object()
@@ -194,18 +188,7 @@ class QuantLinear(nn.Module):
         """The weight in the official layout, int8 `[out, in * bits / 8]`, rebuilt if the CPU layout replaced it."""
         if self.weight is not None:
             return self.weight
-        n, k = self.out_features, self.in_features
-        out = torch.empty(n, k * self.bits // 8, dtype=torch.int8)
-        per_row = self._tile_row_bytes()
-        for r in range(0, n, _CONVERT_ROWS):
-            rows = min(_CONVERT_ROWS, n - r)
-            span = self._tiles[r * per_row : (r + _round_up(rows, TILE_N)) * per_row]
-            q = unpack_tiles(span, self.bits, rows, k)
-            out[r : r + rows] = pack_int4(q) if self.bits == 4 else q
-        return out
-
-    def _tile_row_bytes(self) -> int:
-        return _round_up(self.in_features, BLOCK_K) * self.bits // 8
+        return official_from_tiles(self._tiles, self.bits, self.out_features, self.in_features)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """`q * scale` as float `[out, in]` (fp32 unless `dtype` is given)."""
@@ -244,15 +227,9 @@ class QuantLinear(nn.Module):
             return False
         n, k = self.out_features, self.in_features
         with torch.no_grad(), torch.inference_mode(False):
-            per_row = self._tile_row_bytes()
-            tiles = torch.empty(_round_up(n, TILE_N) * per_row, dtype=torch.uint8)
-            for r in range(0, n, _CONVERT_ROWS):
-                p = self.weight[r : r + _CONVERT_ROWS]
-                packed = pack_tiles(unpack_int4(p) if self.bits == 4 else p, self.bits)
-                tiles[r * per_row : r * per_row + packed.numel()] = packed
+            self._tiles = tiles_from_official(self.weight, self.bits, k)
             self._tile_scale = tile_scales(self.weight_scale.float(), k, self.group_size)
             self._tile_bias = tile_bias(None if self.bias is None else self.bias.float(), n)
-            self._tiles = tiles
             self.weight = None  # one copy of the weight: `packed_weight` rebuilds the official one
         return True
 

@@ -15,11 +15,14 @@ from glm.kernels.cpu_wq import (
     cpu_unpack_t_reference,
     cpu_wq_linear,
     cpu_wq_linear_reference,
+    official_from_tiles,
     pack_tiles,
     tile_bias,
     tile_scales,
+    tiles_from_official,
     unpack_tiles,
 )
+from glm.kernels.reference import pack_int4
 
 # (bits, group_size, N, K): N not a multiple of the 16-row tile, K not of the 32-value block (per channel only).
 SHAPES = [(4, None, 37, 200), (4, 32, 40, 96), (4, 64, 16, 128), (8, None, 23, 72), (8, 32, 48, 64),
@@ -63,6 +66,14 @@ def test_tile_layout_round_trips(bits, group_size, n, k):
     q, w, _, _ = _layer(bits, group_size, n, k)
     assert w.dtype == torch.uint8 and w.numel() == -(-n // 16) * 16 * -(-k // 32) * 32 * bits // 8
     assert torch.equal(unpack_tiles(w, bits, n, k), q)
+
+
+@pytest.mark.parametrize("bits,group_size,n,k", SHAPES)
+def test_cpp_layout_conversion_matches_torch(ops, bits, group_size, n, k):
+    q, w, _, _ = _layer(bits, group_size, n, k)
+    official = pack_int4(q) if bits == 4 else q
+    assert torch.equal(tiles_from_official(official, bits, k, ops=ops), w)
+    assert torch.equal(official_from_tiles(w, bits, n, k, ops=ops), official)
 
 
 def test_tile_layout_known_bytes():
