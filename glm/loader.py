@@ -323,6 +323,8 @@ def build_model(
                     del pending[mod_name]
         if bar is not None:
             bar.update(path.stat().st_size)
+        if quant or stored_quant:
+            _return_freed_memory()
     if bar is not None:
         bar.close()
     if cfg.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
@@ -343,11 +345,26 @@ def build_model(
         for mod in model.modules():
             if isinstance(mod, QuantLinear):  # into the CPU kernel's layout, one at a time (no-op elsewhere)
                 mod.prepare()
+        _return_freed_memory()
     if quant and not stored_quant:
         model.config.quantization_bit = quant
         model.config.quantization_group_size = group_size
         model.config.quantize_lm_head = quantize_lm_head
     return model.eval().requires_grad_(False)
+
+
+def _return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's `malloc_trim`; nothing elsewhere).
+
+    Quantizing while loading frees hundreds of float and int8 blocks of 8-32 MB, which glibc keeps for reuse: over
+    a billion bytes of the peak for INT4 ChatGLM-6B without this.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 # ---------------------------------------------------------------------------------------------------- saving
