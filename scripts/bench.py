@@ -18,6 +18,7 @@ glm.generation). `--compile` also times a torch.compile'd step (CUDA graphs on a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -245,17 +246,34 @@ def current_memory(device) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def stock_cpu_operators(on: bool):
+    """With `on`, QuantLinear behaves as where our CPU kernel cannot be built: torch's stock operators serve."""
+    import glm.quant.linear as qlinear
+
+    saved = qlinear.cpu_kernels
+    if on:
+        qlinear.cpu_kernels = lambda: None
+    try:
+        yield
+    finally:
+        qlinear.cpu_kernels = saved
+
+
 def bench_model(cfg, device, dtype, quant, group_size, kernels, args, bandwidth) -> list[dict]:
     """One model, timed at every batch size and (quantized, CPU) every CPU kernel mode in `kernels`."""
+    if kernels == ["stock"]:
+        with stock_cpu_operators(True):
+            return bench_model(cfg, device, dtype, quant, group_size, [None], args, bandwidth)
     model = build_random(cfg, device, dtype, quant, group_size, quant_lm_head=args.quant_lm_head)
     gc.collect()
     loaded = current_memory(device)
     rows = []
     for kernel in kernels:
-        if quant:
+        if quant and kernel:
             from glm.quant import set_cpu_kernel
 
-            set_cpu_kernel(model, kernel or "exact")
+            set_cpu_kernel(model, kernel)
         for batch in args.batch:
             reset_peak(device)  # the peak of serving this model, not of building it from random float weights
             prompts = random_prompts(cfg, batch, args.prompt)
@@ -277,7 +295,7 @@ def bench_model(cfg, device, dtype, quant, group_size, kernels, args, bandwidth)
                 "layers": cfg.num_layers,
                 "dtype": str(dtype).removeprefix("torch."),
                 "quant": f"int{quant}" + (f"-g{group_size}" if group_size else "") if quant else None,
-                "cpu_kernel": kernel if quant and device.type == "cpu" else None,
+                "cpu_kernel": (kernel or "stock") if quant and device.type == "cpu" else None,
                 "quant_lm_head": bool(quant and args.quant_lm_head),
                 "compile": args.compile,
                 "batch": batch,
@@ -321,6 +339,9 @@ MODES = {
     "int4-fast": (None, 4, None, "fast"),
     "int4-g128": (None, 4, 128, "exact"),
     "int4-g128-fast": (None, 4, 128, "fast"),
+    # torch's stock weight-only operators, as where our kernel cannot be built (and as before it existed)
+    "int8-stock": (None, 8, None, "stock"),
+    "int4-stock": (None, 4, None, "stock"),
 }
 
 
@@ -372,8 +393,8 @@ def main(argv=None) -> int:
     builds: dict[tuple, list] = {}
     for mode in modes:
         dtype, quant, group, kernel = MODES[mode]
-        builds.setdefault((dtype or act, quant, group), []).append(kernel)
-    for (dtype, quant, group), kernels in builds.items():
+        builds.setdefault((dtype or act, quant, group, kernel == "stock"), []).append(kernel)
+    for (dtype, quant, group, _), kernels in builds.items():
         if device.type != "cpu":
             kernels = kernels[:1]
         for row in bench_model(cfg, device, dtype, quant, group, kernels, args, bandwidth):

@@ -343,8 +343,11 @@ class QuantLinear(nn.Module):
             return None
         if self._stock_int4 is None:
             with torch.no_grad(), torch.inference_mode(False):
-                u = (unpack_int4(self.weight).to(torch.int32) + 8).contiguous()
-                w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+                # In slices of rows, to bound the int32 temporary the converter takes (2 GB for lm_head at once):
+                # its layout packs blocks of 16 to 64 rows, which a multiple of 1024 never splits.
+                convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+                w = torch.cat([convert(unpack_int4(self.weight[r : r + 1024]).to(torch.int32) + 8, 1)
+                               for r in range(0, n, 1024)])
                 if self.group_size is None:  # unit scales: the per-channel scale is applied in fp32 afterwards
                     scale = torch.ones(k // group, n, dtype=torch.bfloat16)
                 else:

@@ -147,9 +147,9 @@ def test_exact_kernel_is_used_up_to_exact_max_rows():
     assert m.last_path == "dequant"
 
 
-@pytest.mark.parametrize("bits,group_size", [(8, None), (4, None), (4, 32)])
-def test_without_a_compiler_torch_stock_operators_serve(no_cpu_kernel, bits, group_size):
-    m = QuantLinear.from_linear(_linear(256, 384), bits, group_size).prepare()
+@pytest.mark.parametrize("bits,group_size,n", [(8, None, 384), (4, None, 2112), (4, 32, 384)])
+def test_without_a_compiler_torch_stock_operators_serve(no_cpu_kernel, bits, group_size, n):
+    m = QuantLinear.from_linear(_linear(256, n), bits, group_size).prepare()
     official = m.weight
     assert official is not None and m._tiles is None
     x = torch.randn(3, 256).bfloat16()
