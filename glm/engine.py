@@ -47,14 +47,19 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, n_params: int = 0) -> torch.dtype:
-    """'auto' (or None): float16 on CUDA, as the release. On a CPU float32 for small models (exact), bfloat16 for
-    ChatGLM-6B itself, whose float32 weights (25 GB) do not fit a laptop."""
+    """'auto' (or None): float16 on CUDA, as the release. On a CPU float32 for small models (exact); for ChatGLM-6B
+    itself, whose float32 weights (25 GB) do not fit a laptop, the half type this CPU runs fastest, found by a short
+    probe (bfloat16 unless float16 decodes faster without prefilling slower; see glm.kernels.cpu_float)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
         if device.type == "cuda":
             return torch.float16
-        return torch.float32 if n_params < 1_000_000_000 else torch.bfloat16
+        if n_params < 1_000_000_000:
+            return torch.float32
+        from glm.kernels.cpu_float import announce_cpu_half_dtype
+
+        return announce_cpu_half_dtype()
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use float32, float16, bfloat16 or auto")
     return DTYPES[dtype]

@@ -1,12 +1,16 @@
 #!/usr/bin/env python
 """Benchmark prefill and decode of a ChatGLM-6B-shaped model with random weights (no download needed).
 
-Prints one JSON row per mode: device, dtype, quant, batch, prompt length, prefill tok/s, decode tok/s, peak
-memory, bytes read per decoded token and the fraction of the memory-bandwidth limit (those bytes / time / the
-copy bandwidth measured in the same run). Each mode also runs a naive eager decode (no compiled step, fresh
-caches per call) so that speed-ups are ratios measured on the same machine.
+Prints one JSON row per (mode, batch): device, dtype, quant, CPU kernel mode, batch, prompt length, prefill tok/s,
+decode ms per step and tok/s, memory, bytes read per decode step and the fraction of the memory-bandwidth limit
+(those bytes / step time / the bandwidth measured in the same run). Times are the fastest of `--repeats` runs (a
+run's decode time is its median step), and the bandwidth the fastest of 8 passes: on a machine shared with other
+work these are the steadiest figures. Decoding is greedy through the model's forward
+and a KV cache of `batch` rows, fed `batch` random prompts of the same length (this script does not use
+glm.generation). `--compile` also times a torch.compile'd step (CUDA graphs on a GPU) against the eager one.
 
     python scripts/bench.py --layers 4                        # quick, CPU: fp32, bf16, int8, int4
+    python scripts/bench.py --layers 4 --modes int4,int4-fast --batch 1,8 --quant-lm-head
     python scripts/bench.py --device cuda --compile           # full model on a GPU: fp16, int8, int4
     python scripts/bench.py --device cuda --kernels           # also the INT8/INT4 kernel micro-benchmarks
 """
@@ -14,10 +18,12 @@ caches per call) so that speed-ups are ratios measured on the same machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,7 +33,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from glm.config import GLMConfig  # noqa: E402
-from glm.generation import GenerationConfig, Scheduler  # noqa: E402
 from glm.model import GLM  # noqa: E402
 
 
@@ -63,9 +68,9 @@ def build_random(cfg: GLMConfig, device, dtype, quant: int | None, group_size: i
 
             quantize_(layer, quant, group_size)
     if quant and quant_lm_head:
-        from glm.quant import QuantLinear
+        from glm.quant import swap_linear
 
-        model.lm_head = QuantLinear.from_linear(model.lm_head, quant, group_size=group_size)
+        swap_linear(model, "lm_head", quant, group_size)
     model.init_buffers(device)
     return model.eval().requires_grad_(False)
 
@@ -104,16 +109,8 @@ def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written)."""
     src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).fill_(1)
     dst = torch.empty_like(src)
-    for _ in range(2):
-        dst.copy_(src)
-    sync(device)
-    n, t0 = 5, time.perf_counter()
-    for _ in range(n):
-        dst.copy_(src)
-    sync(device)
-    dt = (time.perf_counter() - t0) / n
-    del src, dst
-    return 2 * nbytes / dt
+    dst.copy_(src)
+    return 2 * nbytes / _fastest(lambda: dst.copy_(src), device)
 
 
 def gemv_read_bandwidth(device, nbytes: int = 1 << 30) -> float:
@@ -121,15 +118,20 @@ def gemv_read_bandwidth(device, nbytes: int = 1 << 30) -> float:
     where a copy (read + write through the caches) understates what a decode step can read."""
     w = torch.randn(nbytes // 2 // 4096, 4096, device=device).half()
     x = torch.randn(1, 4096, device=device).half()
-    for _ in range(2):
-        x @ w.T
-    n, t0 = 5, time.perf_counter()
+    x @ w.T
+    return nbytes / _fastest(lambda: x @ w.T, device)
+
+
+def _fastest(fn, device, n: int = 8) -> float:
+    """Seconds of the fastest of `n` calls (the least disturbed on a shared machine)."""
+    best = float("inf")
     for _ in range(n):
-        x @ w.T
-    sync(device)
-    dt = (time.perf_counter() - t0) / n
-    del w
-    return nbytes / dt
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def reset_peak(device):
@@ -163,24 +165,76 @@ def random_prompts(cfg: GLMConfig, batch: int, length: int, seed: int = 0) -> li
             for _ in range(batch)]
 
 
-def timed_generate(model, prompts, new_tokens, sched=None) -> tuple[float, float]:
-    """(prefill seconds, decode seconds per token) of one greedy generation of every prompt as one batch.
+def glm_inputs(prompts: list[list[int]], cfg: GLMConfig, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids (B, T), position_ids (B, 2, T), mask (1, 1, T, T)) of same-length, same-layout token rows.
 
-    `sched` carries caches (and a compiled step) from one call to the next; None: fresh caches (the naive run).
+    Each row is a prompt ending in `[gMASK] <sop>`, possibly followed by generated tokens: tokens before `<sop>`
+    see the whole prefix; from `<sop>` on attention is causal, the position freezes at `[gMASK]` and the block
+    position counts 1, 2, ... (GLM's 2D positions).
     """
-    sched = sched or Scheduler(model, max_batch=len(prompts), max_context=max(map(len, prompts)) + new_tokens)
-    config = GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False)
-    sync(model.device)
-    t0 = time.perf_counter()
-    reqs = [sched.submit(p, config) for p in prompts]
-    stamps = []
-    for _ in reqs[-1]:  # the last one admitted: its first token comes once every prompt is prefilled
-        stamps.append(time.perf_counter())  # (each token is read back from the device: no sync needed)
-    for r in reqs:
-        r.wait()
-    prefill = stamps[0] - t0
-    per_token = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
-    return prefill, per_token
+    first = prompts[0]
+    ctx, mask_pos = first.index(cfg.bos_token_id), first.index(cfg.gmask_token_id)
+    T = len(first)
+    i = torch.arange(T, device=device)
+    pos = torch.where(i < ctx, i, torch.full_like(i, mask_pos))
+    block = torch.where(i < ctx, torch.zeros_like(i), i - ctx + 1)
+    mask = ((i[None, :] < ctx) | (i[None, :] <= i[:, None]))[None, None]
+    ids = torch.tensor(prompts, device=device)
+    return ids, torch.stack((pos, block))[None].expand(len(prompts), 2, T), mask
+
+
+class GreedyDecoder:
+    """Prefill and greedy decode of same-length prompts through `model.forward` and preallocated caches.
+
+    A prompt ends with `[gMASK] <sop>` (as `random_prompts` makes them): every token before `<sop>` sees the whole
+    prefix, and a new token takes positions (index of `[gMASK]`, 1, 2, ...), GLM's 2D positions.
+    """
+
+    def __init__(self, model: GLM, batch: int, max_len: int, compile: bool = False):
+        self.model, self.batch = model, batch
+        self.caches = model.new_caches(batch, max_len)
+        self.compiled = None
+        if compile:
+            for c in self.caches:  # CUDA graphs update the caches in place
+                torch._dynamo.mark_static_address(c.k)
+                torch._dynamo.mark_static_address(c.v)
+            mode = "reduce-overhead" if model.device.type == "cuda" else None
+            self.compiled = torch.compile(self._step, mode=mode, fullgraph=True, dynamic=False)
+
+    def _step(self, tok, pos, slot, mask):
+        return self.model(tok, pos, mask, self.caches, slot, last_only=True)[:, -1]
+
+    @torch.inference_mode()
+    def run(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+        """(prefill seconds, decode seconds per step: the median step, which a passing hiccup does not move)."""
+        model, device = self.model, self.model.device
+        B, T = len(prompts), len(prompts[0])
+        ids, position_ids, mask = glm_inputs(prompts, model.config, device)
+        S = self.caches[0].k.shape[2]
+        key_valid = torch.zeros(1, 1, 1, S, dtype=torch.bool, device=device)
+        key_valid[..., :T] = True
+        step_pos = torch.tensor([T - 2, 1], device=device).view(1, 2, 1).repeat(B, 1, 1)
+        slot = torch.zeros(1, dtype=torch.long, device=device)
+        sync(device)
+        t0 = time.perf_counter()
+        tok = model(ids, position_ids, mask, self.caches, torch.arange(T, device=device), last_only=True)[:, -1]
+        tok = tok.argmax(-1, keepdim=True)
+        sync(device)
+        t1 = time.perf_counter()
+        steps = []
+        for i in range(new_tokens - 1):
+            t_step = time.perf_counter()
+            slot.fill_(T + i)
+            step_pos[:, 1] = 2 + i
+            if self.compiled is not None:  # fixed shapes: the mask covers every slot, unwritten ones hidden
+                key_valid[..., T + i] = True
+                logits = self.compiled(tok, step_pos, slot, key_valid.expand(B, 1, 1, S))
+            else:  # eager: no mask, attention reads only the slots written so far
+                logits = self._step(tok, step_pos, slot, None)
+            tok = logits.argmax(-1, keepdim=True)
+            sync(device)
+            steps.append(time.perf_counter() - t_step)
+        return t1 - t0, statistics.median(steps) if steps else 0.0
 
 
 def current_memory(device) -> int:
@@ -192,51 +246,80 @@ def current_memory(device) -> int:
     return 0
 
 
-def bench_mode(cfg, device, dtype, quant, group_size, args, bandwidth) -> dict:
+@contextlib.contextmanager
+def stock_cpu_operators(on: bool):
+    """With `on`, QuantLinear behaves as where our CPU kernel cannot be built: torch's stock operators serve."""
+    import glm.quant.linear as qlinear
+
+    saved = qlinear.cpu_kernels
+    if on:
+        qlinear.cpu_kernels = lambda: None
+    try:
+        yield
+    finally:
+        qlinear.cpu_kernels = saved
+
+
+def bench_model(cfg, device, dtype, quant, group_size, kernels, args, bandwidth) -> list[dict]:
+    """One model, timed at every batch size and (quantized, CPU) every CPU kernel mode in `kernels`."""
+    if kernels == ["stock"]:
+        with stock_cpu_operators(True):
+            return bench_model(cfg, device, dtype, quant, group_size, [None], args, bandwidth)
     model = build_random(cfg, device, dtype, quant, group_size, quant_lm_head=args.quant_lm_head)
     gc.collect()
     loaded = current_memory(device)
-    reset_peak(device)  # the peak of serving this model, not of building it from random float weights
-    prompts = random_prompts(cfg, args.batch, args.prompt)
-    dec = Scheduler(model, max_batch=args.batch, max_context=args.prompt + args.new, compile=args.compile)
-    warm = min(8, args.new)
-    timed_generate(model, prompts, warm, dec)  # warm-up (and compilation)
-    prefill, per_tok = timed_generate(model, prompts, args.new, dec)
-    naive_prefill, naive_tok = (None, None)
-    if not args.no_naive:
-        timed_generate(model, prompts, warm)
-        naive_prefill, naive_tok = timed_generate(model, prompts, args.new)  # eager, fresh caches
-    wbytes = weight_bytes_per_token(model)
-    ctx = args.prompt + args.new // 2  # mean context during decode
-    step_bytes = wbytes + kv_bytes_per_token(cfg, dtype, ctx, args.batch)
-    row = {
-        "device": device_name(device),
-        "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "layers": cfg.num_layers,
-        "dtype": str(dtype).removeprefix("torch."),
-        "quant": f"int{quant}" + (f"-g{group_size}" if group_size else "") if quant else None,
-        "quant_lm_head": bool(quant and args.quant_lm_head),
-        "compile": args.compile,
-        "batch": args.batch,
-        "prompt_len": args.prompt,
-        "new_tokens": args.new,
-        "prefill_tok_s": round(args.batch * args.prompt / prefill, 2),
-        "decode_tok_s": round(args.batch / per_tok, 2),
-        "decode_ms_per_step": round(per_tok * 1000, 2),
-        "naive_decode_tok_s": round(args.batch / naive_tok, 2) if naive_tok else None,
-        "speedup_vs_naive": round(naive_tok / per_tok, 2) if naive_tok else None,
-        "model_mem_gb": round(loaded / 1e9, 3),  # process RSS on a CPU, allocated memory on a GPU
-        "peak_mem_gb": round(peak_memory(device) / 1e9, 3),
-        "weight_gb": round(wbytes / 1e9, 3),
-        "bytes_per_step_gb": round(step_bytes / 1e9, 3),
-        "bw_gb_s": round(bandwidth / 1e9, 1),  # GPU: copy bandwidth; CPU: max(copy, fp16 GEMV read rate)
-        "bw_limit_tok_s": round(args.batch * bandwidth / step_bytes, 1),
-        "frac_of_bw_limit": round(step_bytes / per_tok / bandwidth, 3),
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    del model, dec
+    rows = []
+    for kernel in kernels:
+        if quant and kernel:
+            from glm.quant import set_cpu_kernel
+
+            set_cpu_kernel(model, kernel)
+        for batch in args.batch:
+            reset_peak(device)  # the peak of serving this model, not of building it from random float weights
+            prompts = random_prompts(cfg, batch, args.prompt)
+            dec = GreedyDecoder(model, batch, args.prompt + args.new, compile=args.compile)
+            dec.run(prompts, min(8, args.new))  # warm-up (and compilation)
+            # The fastest of several runs: on a machine shared with other work, the least disturbed one.
+            runs = [dec.run(prompts, args.new) for _ in range(args.repeats)]
+            prefill, per_tok = min(r[0] for r in runs), min(r[1] for r in runs)
+            naive_tok = None
+            if args.compile and not args.no_naive:
+                dec.compiled = None
+                naive_tok = min(dec.run(prompts, args.new)[1] for _ in range(args.repeats))
+            wbytes = weight_bytes_per_token(model)
+            ctx = args.prompt + args.new // 2  # mean context during decode
+            step_bytes = wbytes + kv_bytes_per_token(cfg, dtype, ctx, batch)
+            rows.append({
+                "device": device_name(device),
+                "threads": torch.get_num_threads() if device.type == "cpu" else None,
+                "layers": cfg.num_layers,
+                "dtype": str(dtype).removeprefix("torch."),
+                "quant": f"int{quant}" + (f"-g{group_size}" if group_size else "") if quant else None,
+                "cpu_kernel": (kernel or "stock") if quant and device.type == "cpu" else None,
+                "quant_lm_head": bool(quant and args.quant_lm_head),
+                "compile": args.compile,
+                "batch": batch,
+                "prompt_len": args.prompt,
+                "new_tokens": args.new,
+                "prefill_tok_s": round(batch * args.prompt / prefill, 2),
+                "decode_tok_s": round(batch / per_tok, 2),
+                "decode_ms_per_step": round(per_tok * 1000, 2),
+                "eager_decode_ms_per_step": round(naive_tok * 1000, 2) if naive_tok else None,
+                "speedup_vs_eager": round(naive_tok / per_tok, 2) if naive_tok else None,
+                "model_mem_gb": round(loaded / 1e9, 3),  # process RSS on a CPU, allocated memory on a GPU
+                "peak_mem_gb": round(peak_memory(device) / 1e9, 3),
+                "weight_gb": round(wbytes / 1e9, 3),
+                "bytes_per_step_gb": round(step_bytes / 1e9, 3),
+                "bw_gb_s": round(bandwidth / 1e9, 1),  # GPU: copy bandwidth; CPU: max(copy, fp16 GEMV read rate)
+                "bw_limit_ms_per_step": round(step_bytes / bandwidth * 1000, 1),
+                "frac_of_bw_limit": round(step_bytes / per_tok / bandwidth, 3),
+                "date": time.strftime("%Y-%m-%d"),
+            })
+            del dec
+            gc.collect()
+    del model
     gc.collect()
-    return row
+    return rows
 
 
 def device_name(device) -> str:
@@ -245,13 +328,20 @@ def device_name(device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+# name: (dtype or None for the activation dtype, bits, group size, CPU kernel mode)
 MODES = {
-    "fp32": (torch.float32, None, None),
-    "bf16": (torch.bfloat16, None, None),
-    "fp16": (torch.float16, None, None),
-    "int8": (None, 8, None),
-    "int4": (None, 4, None),
-    "int4-g128": (None, 4, 128),
+    "fp32": (torch.float32, None, None, None),
+    "bf16": (torch.bfloat16, None, None, None),
+    "fp16": (torch.float16, None, None, None),
+    "int8": (None, 8, None, "exact"),
+    "int8-fast": (None, 8, None, "fast"),
+    "int4": (None, 4, None, "exact"),
+    "int4-fast": (None, 4, None, "fast"),
+    "int4-g128": (None, 4, 128, "exact"),
+    "int4-g128-fast": (None, 4, 128, "fast"),
+    # torch's stock weight-only operators, as where our kernel cannot be built (and as before it existed)
+    "int8-stock": (None, 8, None, "stock"),
+    "int4-stock": (None, 4, None, "stock"),
 }
 
 
@@ -264,17 +354,19 @@ def main(argv=None) -> int:
                         "(default: cuda fp16,int8,int4; cpu fp32,bf16,int8,int4)")
     p.add_argument("--act-dtype", default=None, help="activation dtype of quantized modes (default: fp16 cuda, "
                                                      "bf16 cpu)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", default="1", help="batch sizes, comma-separated (e.g. 1,8)")
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--compile", action="store_true", help="decode through torch.compile (CUDA graphs on a GPU)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per row; the fastest is reported")
+    p.add_argument("--compile", action="store_true", help="also time a torch.compile'd decode step")
     p.add_argument("--quant-lm-head", action="store_true", help="quantized modes: quantize lm_head too")
-    p.add_argument("--no-naive", action="store_true", help="skip the naive eager baseline")
+    p.add_argument("--no-naive", action="store_true", help="with --compile: skip the eager comparison")
     p.add_argument("--kernels", action="store_true", help="also run the INT8/INT4 kernel micro-benchmarks (CUDA)")
     p.add_argument("--memory-context", type=int, default=0,
                    help="also report peak memory of one generation filling this many tokens (e.g. 2048)")
     args = p.parse_args(argv)
+    args.batch = [int(b) for b in str(args.batch).split(",")]
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -287,21 +379,28 @@ def main(argv=None) -> int:
     if args.layers:
         cfg.num_layers = args.layers
     modes = (args.modes or ("fp16,int8,int4" if device.type == "cuda" else "fp32,bf16,int8,int4")).split(",")
+    for mode in modes:
+        if mode not in MODES:
+            print(f"error: unknown mode {mode!r}; choose from {', '.join(MODES)}", file=sys.stderr)
+            return 2
     act = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.act_dtype]
     act = act or (torch.float16 if device.type == "cuda" else torch.bfloat16)
     bandwidth = copy_bandwidth(device)
     if device.type == "cpu":
         bandwidth = max(bandwidth, gemv_read_bandwidth(device))
     torch.set_grad_enabled(False)
+    # Modes that differ only in the CPU kernel share one model.
+    builds: dict[tuple, list] = {}
     for mode in modes:
-        if mode not in MODES:
-            print(f"error: unknown mode {mode!r}; choose from {', '.join(MODES)}", file=sys.stderr)
-            return 2
-        dtype, quant, group = MODES[mode]
-        row = bench_mode(cfg, device, dtype or act, quant, group, args, bandwidth)
-        print(json.dumps(row), flush=True)
+        dtype, quant, group, kernel = MODES[mode]
+        builds.setdefault((dtype or act, quant, group, kernel == "stock"), []).append(kernel)
+    for (dtype, quant, group, _), kernels in builds.items():
+        if device.type != "cpu":
+            kernels = kernels[:1]
+        for row in bench_model(cfg, device, dtype, quant, group, kernels, args, bandwidth):
+            print(json.dumps(row), flush=True)
         if args.memory_context:
-            print(json.dumps(memory_row(cfg, device, dtype or act, quant, group, args)), flush=True)
+            print(json.dumps(memory_row(cfg, device, dtype, quant, group, args)), flush=True)
     if args.kernels:
         from bench_kernels import kernel_bench  # scripts/bench_kernels.py
 
@@ -316,8 +415,7 @@ def memory_row(cfg, device, dtype, quant, group_size, args) -> dict:
     gc.collect()
     reset_peak(device)
     n = args.memory_context
-    prompts = random_prompts(cfg, 1, n - 16)
-    timed_generate(model, prompts, 16)
+    GreedyDecoder(model, 1, n).run(random_prompts(cfg, 1, n - 16), 16)
     row = {"device": device_name(device), "layers": cfg.num_layers, "dtype": str(dtype).removeprefix("torch."),
            "quant": f"int{quant}" + (f"-g{group_size}" if group_size else "") if quant else None,
            "context": n, "peak_mem_gb": round(peak_memory(device) / 1e9, 3), "date": time.strftime("%Y-%m-%d")}

@@ -1,15 +1,22 @@
-"""Decode-kernel benchmark: the fused INT8/INT4 GEMV against the fp16 matmul on ChatGLM-6B's linear shapes, M = 1.
+"""Kernel benchmarks: the GPU decode kernels (CUDA), or on a CPU every weight-only linear at M = 1, 8 and 32 rows.
 
-    python scripts/bench_kernels.py [--iters 200] [--dtype float16]
+    python scripts/bench_kernels.py [--iters 200] [--dtype float16]          # CUDA: fused GEMV vs fp16 matmul
+    python scripts/bench_kernels.py --device cpu [--threads 2] [--rows 1,8,32] [--shape 4096x16384]
 
-Prints JSON lines: the device-to-device copy bandwidth measured in the same run, then one row per (shape, kernel)
-with the time, the bytes moved (weights + scales + x + y), the bandwidth that makes, its fraction of the copy
-bandwidth, and the speed-up over ``x @ W.T`` in fp16 (``--dtype bfloat16``: in bf16).
+CUDA: prints JSON lines: the device-to-device copy bandwidth measured in the same run, then one row per (shape,
+kernel) with the time, the bytes moved (weights + scales + x + y), the bandwidth that makes, its fraction of the copy
+bandwidth, and the speed-up over ``x @ W.T`` in fp16 (``--dtype bfloat16``: in bf16). Every call runs after a 1 GiB
+memset that evicts the weights from L2 (as a decode step does, streaming 28 layers of weights) and that keeps the
+GPU busy while Python launches the next call, so the CUDA events time the kernel rather than the launch overhead.
+The median of ``iters`` calls is reported; the first calls (warmup) also run the autotuner.
 
-Timing: every call runs after a 1 GiB memset that evicts the weights from L2 (as a decode step does, streaming
-28 layers of weights) and that keeps the GPU busy while Python launches the next call, so the CUDA events time
-the kernel rather than the launch overhead. The median of ``iters`` calls is reported; the first calls (warmup)
-also run the autotuner.
+CPU: torch's stock operators (``_weight_int4pack_mm_for_cpu``, ``_weight_int8pack_mm``, ``torch._int_mm``, fp16 and
+bf16 ``F.linear``) and ours (``glm.kernels.cpu_wq``: exact and fast modes, INT4 per channel and g128, INT8) on one
+linear shape, bf16 activations. Each operator cycles through copies of its weight filling ``--rotate`` bytes, so
+that every call streams its weight from memory as a decode step does. Prints one JSON line per (operator, M) with
+the median and the minimum of ``--iters`` calls, the weight bytes read per second, and that as a fraction of the
+read bandwidth measured in the same run (the faster of a copy and an fp16 GEMV over 1 GiB), then a markdown table
+of the minima. On a machine shared with other work the minimum is the steadiest figure; compare within one run.
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as a file: make the repository's glm importable
+if __package__ in (None, ""):  # run as a file: make the repository's glm (and scripts/bench.py) importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # (K, N, module): the four quantized linears of each ChatGLM-6B layer.
 SHAPES = [
@@ -131,18 +139,133 @@ def kernel_bench(device: str = "cuda", dtype: torch.dtype = torch.float16, iters
     return rows
 
 
+# ------------------------------------------------------------------------------------------------------- CPU
+
+
+def _cpu_operators(n: int, k: int):
+    """(name, weight bytes, make() -> state, fn(x, state)) for every CPU weight-only linear we compare."""
+    from glm.kernels.cpu_wq import cpu_kernels, pack_tiles, tile_scales
+
+    ops = cpu_kernels()
+
+    def int4_tiles(group):
+        q = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+        return pack_tiles(q, 4), tile_scales(torch.rand(n, k // group) if group else torch.rand(n), k, group)
+
+    def int8_tiles():
+        return pack_tiles(torch.randint(-127, 128, (n, k), dtype=torch.int8), 8), tile_scales(torch.rand(n), k, None)
+
+    def stock_int4():
+        u = torch.randint(0, 16, (n, k), dtype=torch.int32)
+        w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+        s = torch.rand(k // 128, n, dtype=torch.bfloat16)
+        return w, torch.stack([s, torch.zeros_like(s)], -1).contiguous()
+
+    rows = [
+        ("stock int4-g128 (_weight_int4pack_mm_for_cpu)", n * k // 2, stock_int4,
+         lambda x, st: torch.ops.aten._weight_int4pack_mm_for_cpu(x, st[0], 128, st[1])),
+        ("stock int8 (_weight_int8pack_mm)", n * k,
+         lambda: (torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, dtype=torch.bfloat16)),
+         lambda x, st: torch.ops.aten._weight_int8pack_mm(x, st[0], st[1])),
+        ("stock int8 x int8 (torch._int_mm, x already int8)", n * k,
+         lambda: (torch.randint(-127, 128, (k, n), dtype=torch.int8),),
+         lambda x, st: torch._int_mm(x, st[0])),
+        ("fp16 F.linear", n * k * 2, lambda: (torch.randn(n, k, dtype=torch.float16),),
+         lambda x, st: torch.nn.functional.linear(x.half(), st[0])),
+        ("bf16 F.linear", n * k * 2, lambda: (torch.randn(n, k, dtype=torch.bfloat16),),
+         lambda x, st: torch.nn.functional.linear(x, st[0])),
+    ]
+    if ops is not None:
+        for name, bits, group, make in (("int4", 4, None, lambda: int4_tiles(None)),
+                                        ("int4-g128", 4, 128, lambda: int4_tiles(128)),
+                                        ("int8", 8, None, int8_tiles)):
+            for fast in (False, True):
+                rows.append((f"ours {name} {'fast' if fast else 'exact'}", n * k * bits // 8, make,
+                             lambda x, st, b=bits, g=group, f=fast: ops.wq_linear(x, st[0], st[1], None, b, g or 0,
+                                                                                  n, f)))
+    return rows
+
+
+def cpu_kernel_bench(n: int = 16384, k: int = 4096, rows=(1, 8, 32), iters: int = 20,
+                     rotate: int = 1 << 30) -> list[dict]:
+    """Times every CPU weight-only linear of `_cpu_operators` at each M in `rows` (bf16 activations).
+
+    Returns:
+        One dict for the bandwidth, then one per (operator, M): ``median_ms``, ``min_ms``, ``weight_gb_s`` (at the
+        minimum) and ``bw_fraction`` (of the bandwidth row).
+    """
+    import time
+
+    from bench import copy_bandwidth, gemv_read_bandwidth  # scripts/bench.py
+
+    cpu = torch.device("cpu")
+    bw = max(copy_bandwidth(cpu), gemv_read_bandwidth(cpu))
+    out: list[dict] = [{"device": "cpu", "threads": torch.get_num_threads(), "kind": "read_bandwidth",
+                        "gb_per_s": round(bw / 1e9, 1)}]
+    for name, nbytes, make, fn in _cpu_operators(n, k):
+        first = make()
+        sets = [first] + [tuple(t.clone() for t in first) for _ in range(max(0, rotate // nbytes - 1))]
+        for m in rows:
+            x = torch.randn(m, k).bfloat16()
+            if "int_mm" in name:
+                x = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+            for st in sets[:2]:
+                fn(x, st)
+            times = []
+            for i in range(iters):
+                t0 = time.perf_counter()
+                fn(x, sets[i % len(sets)])
+                times.append(time.perf_counter() - t0)
+            best = min(times)
+            out.append({"device": "cpu", "shape": f"{k}->{n}", "operator": name, "M": m,
+                        "median_ms": round(statistics.median(times) * 1e3, 2), "min_ms": round(best * 1e3, 2),
+                        "weight_gb_s": round(nbytes / best / 1e9, 1), "bw_fraction": round(nbytes / best / bw, 3)})
+        del sets, first
+    return out
+
+
+def markdown_table(rows: list[dict]) -> str:
+    ms = sorted({r["M"] for r in rows if "M" in r})
+    names = list(dict.fromkeys(r["operator"] for r in rows if "operator" in r))
+    lines = ["| operator | " + " | ".join(f"M={m} ms" for m in ms) + f" | M={ms[-1]} / M=1 | M=1 weight GB/s |",
+             "| --- |" + " ---: |" * (len(ms) + 2)]
+    for name in names:
+        t = {r["M"]: r for r in rows if r.get("operator") == name}
+        ratio = t[ms[-1]]["min_ms"] / t[ms[0]]["min_ms"]
+        lines.append(f"| {name} | " + " | ".join(f"{t[m]['min_ms']:.2f}" for m in ms)
+                     + f" | {ratio:.2f} | {t[ms[0]]['weight_gb_s']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (CUDA when present)")
+    parser.add_argument("--iters", type=int, default=None, help="timed calls (default: 200 CUDA, 20 CPU)")
     parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--rows", default="1,8,32", help="CPU: the M values")
+    parser.add_argument("--shape", default="4096x16384", help="CPU: KxN of the linear")
+    parser.add_argument("--rotate", type=float, default=1.0, help="CPU: GiB of weight copies cycled through")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_kernels: no CUDA device; these are GPU kernels (CPU quantized paths are benchmarked elsewhere)")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if not cuda:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        k, n = (int(v) for v in args.shape.lower().split("x"))
+        rows = cpu_kernel_bench(n, k, tuple(int(m) for m in args.rows.split(",")), args.iters or 20,
+                                int(args.rotate * (1 << 30)))
+        print(json.dumps({"torch": torch.__version__}), flush=True)
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        print(markdown_table(rows))
         return 0
+    if not torch.cuda.is_available():
+        print("bench_kernels: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
     import triton
 
     print(json.dumps({"torch": torch.__version__, "triton": triton.__version__}), flush=True)
-    for row in kernel_bench("cuda", getattr(torch, args.dtype), args.iters):
+    for row in kernel_bench("cuda", getattr(torch, args.dtype), args.iters or 200):
         print(json.dumps(row), flush=True)
     return 0
 

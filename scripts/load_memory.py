@@ -6,7 +6,7 @@ then loads it in a fresh process per mode and reports that process's peak RSS (V
 load time, and the peak after generating a few tokens. Quantize-while-loading should keep the peak near the
 quantized size plus one block, not the fp16 size.
 
-    python scripts/load_memory.py --layers 28 --dir /tmp/glm-random-6b --modes bf16,int8,int4
+    python scripts/load_memory.py --layers 28 --dir /tmp/glm-random-6b --modes int4-qhead,int4,int8,bf16
 """
 
 from __future__ import annotations
@@ -39,15 +39,17 @@ def status(key):
             return int(line.split()[1]) * 1024
 torch.set_num_threads(2)
 import glm
-folder, quant, dtype = sys.argv[1], int(sys.argv[2]) or None, sys.argv[3]
+sys.path.insert(0, "scripts")
+from bench import GreedyDecoder
+folder, quant, dtype, qhead = sys.argv[1], int(sys.argv[2]) or None, sys.argv[3], sys.argv[4] == "1"
 t0 = time.perf_counter()
-m = glm.load(folder, dtype=dtype, quant=quant)
+m = glm.load(folder, dtype=dtype, quant=quant, quantize_lm_head=qhead)
 t1 = time.perf_counter()
 anon = status("RssAnon:")
 print("LOADED", flush=True)
 time.sleep(0.1)
 cfg = m.config
-m.generate(list(range(100, 114)) + [cfg.gmask_token_id, cfg.bos_token_id], 4, stop_at_eos=False)
+GreedyDecoder(m.model, 1, 64).run([list(range(100, 114)) + [cfg.gmask_token_id, cfg.bos_token_id]], 8)
 time.sleep(0.1)
 print(json.dumps({"load_s": round(t1 - t0, 1), "anon_loaded_gb": round(anon / 1e9, 3),
                   "vm_hwm_gb": round(status("VmHWM:") / 1e9, 3)}), flush=True)
@@ -64,12 +66,12 @@ def _anon(pid: int) -> int:
     return 0
 
 
-def measure(folder: Path, quant: int, dtype: str) -> dict:
+def measure(folder: Path, quant: int, dtype: str, qhead: bool = False) -> dict:
     """Run the child, sampling its owned memory; returns its report plus the peaks while loading and after."""
     import selectors
 
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(folder), str(quant), dtype], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(folder), str(quant), dtype, str(int(qhead))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     peak = peak_load = 0
@@ -125,14 +127,16 @@ def write_checkpoint(folder: Path, layers: int, shards: int = 8) -> None:
     (folder / "config.json").write_text(json.dumps(d, indent=2))
 
 
-MODES = {"bf16": (0, "bfloat16"), "fp16": (0, "float16"), "int8": (8, "bfloat16"), "int4": (4, "bfloat16")}
+# name: (quant, dtype, quantize_lm_head); with the head quantized, the release's tied embedding is looked up in it.
+MODES = {"bf16": (0, "bfloat16", False), "fp16": (0, "float16", False), "int8": (8, "bfloat16", False),
+         "int4": (4, "bfloat16", False), "int8-qhead": (8, "bfloat16", True), "int4-qhead": (4, "bfloat16", True)}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=28)
     p.add_argument("--dir", default="/tmp/glm-random-6b", help="where the random checkpoint is (or is written)")
-    p.add_argument("--modes", default="int4,int8,bf16")
+    p.add_argument("--modes", default="int4-qhead,int4,int8,bf16", help=f"comma-separated from {','.join(MODES)}")
     args = p.parse_args(argv)
     folder = Path(args.dir)
     if not (folder / "config.json").is_file():
@@ -141,9 +145,9 @@ def main(argv=None) -> int:
         print(f"wrote {folder} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     size = sum(f.stat().st_size for f in folder.glob("*.bin"))
     for mode in args.modes.split(","):
-        quant, dtype = MODES[mode]
-        row = {"mode": mode, "dtype": dtype, "checkpoint_gb": round(size / 1e9, 2), **measure(folder, quant, dtype),
-               "date": time.strftime("%Y-%m-%d")}
+        quant, dtype, qhead = MODES[mode]
+        row = {"mode": mode, "dtype": dtype, "checkpoint_gb": round(size / 1e9, 2),
+               **measure(folder, quant, dtype, qhead), "date": time.strftime("%Y-%m-%d")}
         print(json.dumps(row), flush=True)
     return 0
 

@@ -1,11 +1,14 @@
-"""Weight-only INT8/INT4 matmul: fused Triton kernels and their pure-torch references.
+"""Weight-only INT8/INT4 matmul: fused Triton kernels (GPU), a C++ kernel (CPU), and their pure-torch references.
 
-- ``wq_linear`` is the entry point: any leading shape, the GEMV kernel for up to 16 rows (decoding), the GEMM
+- ``wq_linear`` is the GPU entry point: any leading shape, the GEMV kernel for up to 16 rows (decoding), the GEMM
   kernel above (prefill), the torch reference where the kernels cannot run.
-- The kernels live in ``glm.kernels.wq_gemv`` and ``glm.kernels.wq_gemm``; the references, ``unpack_int4`` and
-  ``dequantize`` in ``glm.kernels.reference``.
+- The Triton kernels live in ``glm.kernels.wq_gemv`` and ``glm.kernels.wq_gemm``; the references, the official
+  layout (``pack_int4``, ``unpack_int4``) and ``dequantize`` in ``glm.kernels.reference``.
+- The CPU kernel, its own weight layout and its reference live in ``glm.kernels.cpu_wq`` (compiled on first use);
+  ``glm.kernels.cpu_float`` probes which half float type this CPU runs fastest.
 
-Importing this package does not import triton (it is imported on first use), so CPU-only installs work.
+Nothing here imports glm.quant (which builds on this package). Importing it does not import triton (imported on
+first use) nor compile anything, so CPU-only installs work.
 """
 
 from __future__ import annotations

@@ -15,12 +15,92 @@ cast once.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-# One implementation of the official layout and scheme, shared with glm.quant (which imports glm.kernels lazily).
-from glm.quant.primitives import dequantize, unpack_int4
-
-__all__ = ["check_wq_args", "dequantize", "unpack_int4", "wq_gemm_reference", "wq_gemv_reference",
+__all__ = ["check_wq_args", "dequantize", "pack_int4", "unpack_int4", "wq_gemm_reference", "wq_gemv_reference",
            "wq_linear_reference"]
+
+
+# ---------------------------------------------------------------- the official layout (glm.quant re-exports these)
+
+def pack_int4(q: Tensor) -> Tensor:
+    """Pack int4 values two per byte along the input dimension, in the official ChatGLM layout.
+
+    Mirrors `compress_int4_weight` of the official `quantization.py`: the first value of each pair goes in
+    the high nibble, `byte = (q[2j] << 4) | (q[2j+1] & 0xF)`.
+
+    Args:
+        q: int8 `[N, K]` with values in [-8, 7], K even.
+
+    Returns:
+        int8 `[N, K // 2]`.
+    """
+    if q.dtype != torch.int8 or q.shape[-1] % 2:
+        raise ValueError(f"pack_int4 expects int8 [N, K] with K even, got {q.dtype} {tuple(q.shape)}")
+    if q.numel() and not q.is_meta and (q.min() < -8 or q.max() > 7):
+        raise ValueError("pack_int4: values must lie in [-8, 7]")
+    # (-8..7) << 4 stays within int8, so the shift cannot overflow.
+    return (q[..., 0::2] << 4) | (q[..., 1::2] & 0xF)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """Inverse of `pack_int4`.
+
+    Args:
+        packed: int8 `[N, K // 2]` in the official layout (first value in the high nibble).
+
+    Returns:
+        int8 `[N, K]` with values in [-8, 7].
+    """
+    # Sign-extend each nibble with (v ^ 8) - 8, which does not depend on how int8 shifts treat the sign bit.
+    hi = (((packed >> 4) & 0xF) ^ 8) - 8
+    lo = ((packed & 0xF) ^ 8) - 8
+    return torch.stack([hi, lo], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def dequantize(
+    q: Tensor,
+    scale: Tensor,
+    bits: int,
+    group_size: int | None = None,
+    *,
+    packed: bool | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Dequantize `q * scale`, with the scale as stored (upcast, never rounded down), as the official code does.
+
+    Args:
+        q: int8 `[N, K]`, or for int4 the packed `[N, K // 2]` (the stored layout).
+        scale: `[N]` (per-channel) or `[N, K // group_size]` (grouped), any float dtype.
+        bits: 4 or 8.
+        group_size: None for per-channel scales.
+        packed: whether `q` is nibble-packed; defaults to `bits == 4`, i.e. the stored layout.
+        dtype: output dtype; by default fp32 (fp64 if the scale is fp64). The product is formed in that
+            precision or higher, then rounded once.
+
+    Returns:
+        float `[N, K]`.
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    if packed is None:
+        packed = bits == 4
+    if packed:
+        q = unpack_int4(q)
+    acc = torch.promote_types(scale.dtype, torch.float32)
+    s = scale.to(acc)
+    w = q.to(acc)
+    if group_size is None:
+        w = w * s.unsqueeze(-1)
+    else:
+        n, k = w.shape
+        w = (w.reshape(n, k // group_size, group_size) * s.unsqueeze(-1)).reshape(n, k)
+    return w if dtype is None else w.to(dtype)
+
+
+
+# ------------------------------------------------------------------------------------------------ the linear
+
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -3,20 +3,24 @@
 Three layers, after torchao's `quantize_`:
     `glm.quant.primitives`  pure quantize / pack / dequantize functions, each naming the scheme it mirrors;
     `glm.quant.linear`      `QuantLinear`, which holds the packed weight, its scales and the bias, and
-                            dispatches to the fastest kernel for the device;
-    this module             `quantize_`, and which linears of the model get quantized.
+                            dispatches to the kernels of `glm.kernels` for the device;
+    this module             `quantize_`, `swap_linear` (the one place a linear becomes a QuantLinear), which
+                            linears of the model get quantized, the tied quantized embedding, the CPU kernel mode.
 
-Importing this package does not import triton: the CUDA kernel is looked up at the first CUDA forward.
+glm.quant uses glm.kernels, never the reverse. Importing this package does not import triton (the CUDA kernel is
+looked up at the first CUDA forward) nor build the CPU kernel (built at the first CPU `prepare`).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from glm.quant.linear import QuantLinear
+from glm.quant.linear import CPU_KERNELS, QuantEmbedding, QuantLinear
 from glm.quant.primitives import dequantize, pack_int4, quantize_grouped, quantize_per_channel, sqnr, unpack_int4
 
 __all__ = [
+    "CPU_KERNELS",
+    "QuantEmbedding",
     "QuantLinear",
     "dequantize",
     "is_quantized_linear_name",
@@ -25,7 +29,10 @@ __all__ = [
     "quantize_grouped",
     "quantize_per_channel",
     "quantized_linear_names",
+    "set_cpu_kernel",
     "sqnr",
+    "swap_linear",
+    "tie_quantized_embedding",
     "unpack_int4",
 ]
 
@@ -67,12 +74,73 @@ def is_quantized_linear_name(name: str, include_lm_head: bool = False) -> bool:
     return any(name == s or name.endswith("." + s) for s in quantized_linear_names(include_lm_head))
 
 
+def swap_linear(model: nn.Module, name: str, bits: int, group_size: int | None = None, *,
+                empty: bool = False) -> QuantLinear:
+    """Replace the `nn.Linear` called `name` in `model` by a QuantLinear.
+
+    Args:
+        model: the parent module.
+        name: dotted module name, e.g. `"layers.0.mlp.dense_h_to_4h"` or `"lm_head"`.
+        bits: 8 or 4.
+        group_size: None for per-channel scales, else the group length along K.
+        empty: build it empty on the meta device (its tensors then come from a checkpoint stored quantized);
+            otherwise quantize the linear's weight, release it and, on a CPU, convert to the kernel's layout.
+
+    Returns:
+        The new module.
+    """
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    lin = getattr(parent, attr)
+    if empty:
+        mod = QuantLinear(lin.in_features, lin.out_features, bits, group_size, bias=lin.bias is not None,
+                          dtype=lin.weight.dtype, device="meta")
+    else:
+        mod = QuantLinear.from_linear(lin, bits, group_size).prepare()
+    setattr(parent, attr, mod)
+    return mod
+
+
+def tie_quantized_embedding(model: nn.Module) -> None:
+    """Make `model.word_embeddings` look its rows up in the quantized `model.lm_head` (ChatGLM-6B ties them).
+
+    The float table is released. Only for a model whose config ties the embedding to the head.
+    """
+    head = model.lm_head
+    if not isinstance(head, QuantLinear):
+        raise TypeError("tie_quantized_embedding needs a quantized lm_head")
+    emb = model.word_embeddings
+    dtype = emb.dtype if isinstance(emb, QuantEmbedding) else emb.weight.dtype
+    model.word_embeddings = QuantEmbedding(head, dtype)
+
+
+def set_cpu_kernel(model: nn.Module, mode: str) -> nn.Module:
+    """Choose the CPU kernel of every QuantLinear in `model`.
+
+    Args:
+        model: any module.
+        mode: "exact" (the default: float activations, `F.linear(x, q * scale, b)` up to summation order) or
+            "fast" (activations quantized to int8 per block of 32, integer dot products: faster, above all for
+            batches, and not exact; see docs/quantization.md).
+
+    Returns:
+        `model`.
+    """
+    if mode not in CPU_KERNELS:
+        raise ValueError(f"cpu_kernel must be one of {', '.join(CPU_KERNELS)}, got {mode!r}")
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            mod.cpu_kernel = mode
+    return model
+
+
 def quantize_(
     model: nn.Module,
     bits: int,
     group_size: int | None = None,
     include_lm_head: bool = False,
     progress: bool = False,
+    cpu_kernel: str = "exact",
 ) -> nn.Module:
     """Swap the model's block linears for `QuantLinear` in place (weight-only, official scheme).
 
@@ -83,12 +151,15 @@ def quantize_(
         model: a GLM (or any module whose linears are named like the checkpoint).
         bits: 8 or 4.
         group_size: None for per-channel scales (the official releases), else e.g. 128 for grouped int4.
-        include_lm_head: quantize `lm_head` too.
+        include_lm_head: quantize `lm_head` too (the embedding stays as it is; see `tie_quantized_embedding`).
         progress: show a tqdm bar.
+        cpu_kernel: "exact" or "fast", see `set_cpu_kernel`.
 
     Returns:
         `model`, modified in place.
     """
+    if cpu_kernel not in CPU_KERNELS:
+        raise ValueError(f"cpu_kernel must be one of {', '.join(CPU_KERNELS)}, got {cpu_kernel!r}")
     targets = [
         name
         for name, mod in model.named_modules()
@@ -99,7 +170,5 @@ def quantize_(
 
         targets = tqdm(targets, desc=f"int{bits}", unit="linear")
     for name in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, QuantLinear.from_linear(getattr(parent, attr), bits, group_size))
+        swap_linear(model, name, bits, group_size).cpu_kernel = cpu_kernel
     return model

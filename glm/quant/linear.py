@@ -5,23 +5,28 @@ State dict (exactly what the official int8/int4 checkpoints hold, so they load b
     weight_scale  `[out]` or `[out, in // group_size]`, in the dtype it was stored in (never rounded down)
     bias          `[out]`
 
+On a CPU, `prepare()` (called by `quantize_` and the loader) rewrites the weight into the layout of our CPU kernel
+(`glm.kernels.cpu_wq`, "tile16") and drops the official tensor, so memory holds one copy; `state_dict()` and
+`packed_weight()` rebuild the official tensor exactly, and moving the module (`.to`) or loading a state dict
+restores it.
+
 Forward dispatch (`last_path` names the one taken):
-    "triton"           CUDA with triton: `glm.kernels.wq_linear`, the fused dequantize-matmul (imported lazily).
-    "int8_cpu_kernel"  CPU, bf16/fp16 input, few rows, int8 per-channel: `aten._weight_int8pack_mm` on the
-                       official tensor itself.
-    "int4_cpu_kernel"  CPU, bf16/fp16 input, few rows, int4: `aten._weight_int4pack_mm_for_cpu` on a copy repacked
-                       once by `_convert_weight_to_int4pack_for_cpu`, which then replaces the official tensor.
-    "dequant"          everything else: dequantize ~2 MiB of rows at a time in fp32 and matmul them. In fp32 this
-                       is `F.linear(x, q * scale, b)` up to summation order (the golden tests need 1e-4), and no
-                       slower than the kernels in fp32 (one row at 4096 -> 16384: int8 ~21 ms against ~24 ms,
-                       int4 ~44 ms against ~54 ms), whose cost grows with every row.
-On x86 the CPU kernels are fast only in bf16 (fp16 is 30-50x slower), so half inputs compute in bf16 on CPU: fp16
-models get bf16 rounding in these layers, still far below the weight quantization noise.
+    "triton"      CUDA with triton: `glm.kernels.wq_linear`, the fused dequantize-matmul (imported lazily).
+    "cpu_exact"   CPU, `cpu_kernel == "exact"` (the default), up to `exact_max_rows` rows: our kernel with float
+                  activations, `F.linear(x, q * scale, b)` in fp32 up to summation order, whatever x's dtype.
+    "cpu_fast"    CPU, `cpu_kernel == "fast"`, up to `fast_max_rows` rows: our kernel with x quantized to int8 per
+                  block of 32 (ggml's q8_0) and integer dot products (VNNI). Faster, and its cost grows little
+                  with the rows; not exact.
+    "dequant"     everything else: dequantize ~2 MiB of rows at a time and matmul them (fp32 input in fp32, half
+                  input in bf16). Long prompts take it in both modes: there one bf16 GEMM beats the kernels.
+    "int8_stock", "int4_stock"
+                  CPU where our kernel cannot be built (no compiler): torch's `_weight_int8pack_mm` and
+                  `_weight_int4pack_mm_for_cpu`, bf16, few rows. The int4 one keeps its own repacked copy besides
+                  the official tensor.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 from collections.abc import Callable
 
@@ -29,29 +34,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from glm.quant.primitives import dequantize, pack_int4, quantize_grouped, quantize_per_channel, unpack_int4
+from glm.kernels.cpu_wq import (
+    BLOCK_K,
+    TILE_N,
+    cpu_kernels,
+    cpu_unpack_rows,
+    cpu_unpack_t,
+    cpu_wq_linear,
+    official_from_tiles,
+    tile_bias,
+    tile_scales,
+    tiles_from_official,
+)
+from glm.kernels.reference import dequantize, pack_int4, unpack_int4
+from glm.quant.primitives import quantize_grouped, quantize_per_channel
 
-__all__ = ["QuantLinear"]
+__all__ = ["CPU_KERNELS", "QuantEmbedding", "QuantLinear"]
 
-# Group sizes `_weight_int4pack_mm_for_cpu` accepts (torch 2.13 checks exactly these).
-_INT4_KERNEL_GROUPS = (256, 128, 64, 32)
-# Rows converted per call when repacking int4 for the CPU kernel: bounds the int32 temporary the converter
-# needs (16 MiB at K = 4096) and is a multiple of every block height the converter uses (16 to 64 rows).
-_REPACK_ROWS = 1024
+CPU_KERNELS = ("exact", "fast")
 # Dequantized rows per matmul in the "dequant" path: about 2 MiB of fp32 weight, so it stays in cache.
 _DEQUANT_CHUNK_BYTES = 2 << 20
 # Rows quantized at a time in `from_linear`, to bound the fp32 copy of an fp16 weight.
 _QUANTIZE_ROWS = 1024
+# Group sizes `_weight_int4pack_mm_for_cpu` accepts (torch 2.13 checks exactly these).
+_STOCK_INT4_GROUPS = (256, 128, 64, 32)
+# Up to this many rows torch's stock weight-only kernels beat dequantize + bf16 GEMM (their cost grows per row).
+_STOCK_MAX_ROWS = {8: 48, 4: 96}
 # Dequantized bytes (fp32) per matmul of `grad_input`: it sums over the slice's rows, so longer slices pay on a CPU
 # too (8 MiB: 1.5x faster than 2 MiB at 4096 -> 16384, 128 rows of bf16, one thread); on a GPU launches dominate.
 _GRAD_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 64 << 20}
 
-
-def _aten(name: str) -> Callable | None:
-    try:
-        return getattr(torch.ops.aten, name)
-    except (AttributeError, RuntimeError):
-        return None
 
 
 _UNRESOLVED = object()
@@ -76,75 +88,6 @@ def _cuda_kernel() -> Callable | None:
     return _cuda_kernel_fn  # type: ignore[return-value]
 
 
-# ------------------------------------------------------------------ the CPU int4 kernel's private weight layout
-# `_convert_weight_to_int4pack_for_cpu` takes unsigned nibbles u = q + 8 as int32 [N, K] and returns uint8 [N, K/2]
-# in a blocked layout that depends on the CPU build (AVX512: blocks of 64 rows, AVX2: 32). To save the official
-# layout after dropping it we must invert that layout, so we recognise it on a small probe at first use rather
-# than trust one build: each block of `block_n` rows is stored as [K, block_n/2] bytes; a full block puts rows
-# 0..block_n/2-1 in the low nibbles and the rest in the high ones ("halves"), or row pairs in one byte ("pairs");
-# a last, shorter block always uses pairs.
-
-
-def _untangle_int4_cpu(p: Tensor, kind: str, block_n: int, out: Tensor | None = None) -> Tensor:
-    """Unsigned nibbles u = q + 8 `[N, K]` of a CPU-kernel weight `p` `[N, K/2]`, written into `out` (any dtype)."""
-    n, k = p.shape[0], p.shape[1] * 2
-    out = torch.empty(n, k, dtype=torch.uint8, device=p.device) if out is None else out
-    full = n // block_n * block_n
-    segments = [(0, full, block_n, kind)] if full else []
-    if n > full:
-        segments.append((full, n, n - full, "pairs"))
-    for r0, r1, bn, how in segments:
-        nb = (r1 - r0) // bn
-        b = p[r0:r1].view(nb, k, bn // 2)  # each block: K rows of bn/2 bytes
-        lo, hi = (b & 0xF).transpose(1, 2), (b >> 4).transpose(1, 2)  # (NB, bn/2, K)
-        dst = out[r0:r1].view(nb, bn, k)
-        if how == "halves":
-            dst[:, : bn // 2].copy_(lo)
-            dst[:, bn // 2 :].copy_(hi)
-        else:
-            pairs = dst.view(nb, bn // 2, 2, k)
-            pairs[:, :, 0].copy_(lo)
-            pairs[:, :, 1].copy_(hi)
-    return out
-
-
-def _repack_int4_cpu(packed: Tensor) -> Tensor:
-    convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
-    chunks = []
-    for r in range(0, packed.shape[0], _REPACK_ROWS):
-        u = unpack_int4(packed[r : r + _REPACK_ROWS]).to(torch.int32) + 8
-        chunks.append(convert(u, 1))  # innerKTiles only matters on CUDA
-    return torch.cat(chunks)
-
-
-@functools.cache
-def _int4_cpu_layout() -> tuple[str, int] | None:
-    """(kind, block_n) of this build's CPU int4 layout, or None if the kernel is absent or the layout unknown."""
-    if _aten("_convert_weight_to_int4pack_for_cpu") is None or _aten("_weight_int4pack_mm_for_cpu") is None:
-        return None
-    gen = torch.Generator().manual_seed(0)
-    # 176 = 64 + 64 + 48 and 112 = 64 + 48 exercise full and short blocks for both block heights.
-    probes = [torch.randint(-8, 8, (n, 64), generator=gen, dtype=torch.int8) for n in (16, 48, 112, 176)]
-    try:
-        whole = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32) + 8, 1) for q in probes]
-        # Our repacking converts 1024-row slices separately; check on 64-row slices that blocks are independent.
-        sliced = [torch.cat([_repack_int4_cpu(pack_int4(q[r : r + 64])) for r in range(0, len(q), 64)]) for q in probes]
-    except RuntimeError:
-        return None
-    if not all(torch.equal(a, b) for a, b in zip(whole, sliced)):
-        return None
-    for layout in (("halves", 64), ("halves", 32), ("pairs", 64), ("pairs", 32)):
-        if all(torch.equal(_untangle_int4_cpu(p, *layout), (q + 8).to(torch.uint8)) for p, q in zip(whole, probes)):
-            return layout
-    return None
-
-
-def _known_int4_cpu_layout() -> tuple[str, int]:
-    layout = _int4_cpu_layout()
-    assert layout is not None, "the official int4 tensor is only dropped once the CPU layout is known"
-    return layout
-
-
 class QuantLinear(nn.Module):
     """Weight-only quantized `nn.Linear` holding the official ChatGLM packed weight, its scales and the bias.
 
@@ -159,10 +102,12 @@ class QuantLinear(nn.Module):
         device: where to allocate (works with "meta" for construct-then-assign loading).
     """
 
-    # Up to this many activation rows (by bits) the CPU weight-only kernels win; beyond, dequantize + bf16 GEMM
-    # does, because the kernels' cost grows linearly with the rows (about 0.8 ms a row at 4096 -> 16384 on 2 cores)
-    # while dequantizing costs the same for any row count (about 45 ms for int8, 70 ms for int4 at that size).
-    cpu_kernel_max_rows: dict[int, int] = {8: 48, 4: 96}  # a tuning table: assign a new dict to retune
+    # The CPU kernel mode: "exact" (float activations) or "fast" (int8 activations); see `glm.quant.set_cpu_kernel`.
+    cpu_kernel: str = "exact"
+    # Up to this many rows the CPU kernels beat dequantizing slices and one bf16 GEMM each (docs/benchmarks.md):
+    # their cost grows with the rows, a GEMM's hardly does. Tuning knobs: assign to the class or to one module.
+    exact_max_rows: int = 32
+    fast_max_rows: int = 128
 
     weight: Tensor | None
     weight_scale: Tensor
@@ -197,8 +142,11 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        # The CPU kernel's copies (non-persistent, so they count as the module's memory but are never saved).
+        for name in ("_tiles", "_tile_scale", "_tile_bias", "_stock_int4"):
+            self.register_buffer(name, None, persistent=False)
+        self._stock_scales: tuple[Tensor, int] | None = None
         self.last_path: str | None = None  # which implementation the last forward used (see module docstring)
-        self._clear_cache()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None) -> QuantLinear:
@@ -213,19 +161,19 @@ class QuantLinear(nn.Module):
             group_size: None for per-channel scales, else the group length along K.
 
         Returns:
-            A QuantLinear on the linear's device.
+            A QuantLinear on the linear's device, in the official layout (`prepare()` converts it for the CPU).
         """
         w = linear.weight.detach()
         n, k = w.shape
         mod = cls(k, n, bits, group_size, bias=linear.bias is not None, dtype=torch.float32, device="meta")
-        qs, scales = [], []
+        mod.weight = torch.empty(n, k * bits // 8, dtype=torch.int8, device=w.device)
+        scales = []
         # Rows are independent, so quantizing a slice at a time is exact and bounds the fp32 temporary.
         for r in range(0, n, _QUANTIZE_ROWS):
             wf = w[r : r + _QUANTIZE_ROWS].float()
             q, s = quantize_per_channel(wf, bits) if group_size is None else quantize_grouped(wf, bits, group_size)
-            qs.append(pack_int4(q) if bits == 4 else q)
+            mod.weight[r : r + _QUANTIZE_ROWS] = pack_int4(q) if bits == 4 else q
             scales.append(s)
-        mod.weight = torch.cat(qs)
         mod.weight_scale = torch.cat(scales)
         if linear.bias is not None:
             mod.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
@@ -241,40 +189,59 @@ class QuantLinear(nn.Module):
     # -------------------------------------------------------------------------------------------- packed weight
 
     def packed_weight(self) -> Tensor:
-        """The weight in the official layout, int8 `[out, in * bits / 8]`, rebuilt if the CPU path dropped it."""
+        """The weight in the official layout, int8 `[out, in * bits / 8]`, rebuilt if the CPU layout replaced it."""
         if self.weight is not None:
             return self.weight
-        assert self._cpu_int4 is not None  # the official tensor is only dropped once the CPU copy exists
-        u = _untangle_int4_cpu(self._cpu_int4, *_known_int4_cpu_layout())
-        return pack_int4(u.to(torch.int8) - 8)
+        return official_from_tiles(self._tiles, self.bits, self.out_features, self.in_features)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """`q * scale` as float `[out, in]` (fp32 unless `dtype` is given)."""
         return dequantize(self.packed_weight(), self.weight_scale, self.bits, self.group_size, dtype=dtype)
 
-    def prepare(self) -> QuantLinear:
-        """Build the CPU kernel's repacked int4 weight now instead of at the first bf16/fp16 forward.
+    def rows(self, idx: Tensor, dtype: torch.dtype) -> Tensor:
+        """Rows `idx` of `q * scale` as `[len(idx), in]` in `dtype`: the lookup of a tied, quantized embedding."""
+        idx = idx.reshape(-1)
+        if self._cpu_tiles():
+            n, k = self.out_features, self.in_features
+            return cpu_unpack_rows(self._tiles, self._tile_scale, idx, self.bits, self.group_size, n, k, dtype)
+        return dequantize(self.packed_weight()[idx], self.weight_scale[idx], self.bits, self.group_size, dtype=dtype)
 
-        Where this torch build's layout is recognised, the official int4 tensor is then dropped, so memory stays
-        one packed copy; `state_dict()` and `packed_weight()` rebuild it exactly. Moving the module (`.to`),
-        or loading a state dict, restores the official tensor and drops the repacked one.
+    def prepare(self) -> QuantLinear:
+        """On a CPU, rewrite the weight into the kernel's layout now (building the kernel if need be).
+
+        The official tensor is then dropped; `state_dict()` and `packed_weight()` rebuild it exactly. Does nothing
+        on other devices, for group sizes the kernel does not take, or where the kernel cannot be built.
 
         Returns:
             self.
         """
-        if self.weight_scale.device.type == "cpu" and self._cpu_kernel_ok():
-            self._cpu_weight()
+        self._cpu_tiles()
         return self
 
-    def _clear_cache(self) -> None:
-        self._cpu_int4: Tensor | None = None  # the int4 weight repacked for the CPU kernel
-        self._cpu_scales: Tensor | None = None  # the kernel's scale argument (bf16)
-        self._cpu_ok: bool | None = None
+    def _cpu_tiles(self) -> bool:
+        """Whether the CPU kernel serves this layer, converting the weight on first use."""
+        if self._tiles is not None:
+            return True
+        if (
+            self.weight is None
+            or self.weight.device.type != "cpu"  # meta (not loaded yet) too
+            or (self.group_size is not None and self.group_size % BLOCK_K)
+            or cpu_kernels() is None
+        ):
+            return False
+        n, k = self.out_features, self.in_features
+        with torch.no_grad(), torch.inference_mode(False):
+            self._tiles = tiles_from_official(self.weight, self.bits, k)
+            self._tile_scale = tile_scales(self.weight_scale.float(), k, self.group_size)
+            self._tile_bias = tile_bias(None if self.bias is None else self.bias.float(), n)
+            self.weight = None  # one copy of the weight: `packed_weight` rebuilds the official one
+        return True
 
-    def _restore_official(self) -> None:
+    def _clear_cache(self) -> None:
         if self.weight is None:
             self.weight = self.packed_weight()
-        self._clear_cache()
+        self._tiles = self._tile_scale = self._tile_bias = self._stock_int4 = None
+        self._stock_scales = None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -286,7 +253,7 @@ class QuantLinear(nn.Module):
         if self.weight is None and prefix + "weight" in state_dict:  # about to be replaced: no need to rebuild it
             shape = (self.out_features, self.in_features * self.bits // 8)
             self.weight = torch.empty(shape, dtype=torch.int8, device=self.weight_scale.device)
-        self._restore_official()
+        self._clear_cache()
         incoming = state_dict.get(prefix + "weight_scale")
         if isinstance(incoming, Tensor) and incoming.dtype != self.weight_scale.dtype:
             # Copying into our buffer would convert the scale; take the stored dtype instead (never round down).
@@ -295,7 +262,7 @@ class QuantLinear(nn.Module):
                                       error_msgs)
 
     def _apply(self, fn, recurse=True):
-        self._restore_official()
+        self._clear_cache()
         scale = self.weight_scale
         super()._apply(fn, recurse)
         if self.weight_scale.dtype != scale.dtype:  # model.half() / .to(dtype): move the scale, keep its dtype
@@ -344,74 +311,95 @@ class QuantLinear(nn.Module):
             self._mark("triton")
             return kernel(x, self.packed_weight(), self.weight_scale, self.bias, self.bits, self.group_size)
         x2 = x.reshape(-1, self.in_features)
-        if (
-            x.device.type == "cpu"
-            and x.dtype in (torch.bfloat16, torch.float16)
-            and x2.shape[0] <= self.cpu_kernel_max_rows[self.bits]
-            and self._cpu_kernel_ok()
-        ):
-            y = self._forward_cpu_kernel(x2)
-        elif x.device.type == "cpu":
-            y = self._forward_dequant_chunked(x2)
-        else:
+        if x.device.type != "cpu":
             self._mark("dequant")
             w = self.dequantized_weight(x.dtype)
             y = F.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
+        elif x.dtype in (torch.float32, torch.bfloat16, torch.float16) and self._cpu_tiles():
+            y = self._forward_tiles(x2)
+        elif x.dtype in (torch.bfloat16, torch.float16) and x2.shape[0] <= _STOCK_MAX_ROWS[self.bits] and (
+            stock := self._stock_kernel()
+        ):
+            y = stock(x2)
+        else:
+            y = self._forward_dequant(x2)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _mark(self, path: str) -> None:
         if not torch.compiler.is_compiling():  # a Python side effect that a compiled graph need not replay
             self.last_path = path
 
-    def _cpu_kernel_ok(self) -> bool:
-        """Whether an aten CPU kernel takes this layer's shape (they misbehave or reject shapes outside these)."""
-        if self._cpu_ok is None:
-            n, k = self.out_features, self.in_features
-            if self.bits == 8:
-                # Per-channel only. With K not a multiple of 16 it returns garbage (even crashes) in torch 2.13.
-                ok = self.group_size is None and k % 32 == 0 and _aten("_weight_int8pack_mm") is not None
+    def _forward_tiles(self, x2: Tensor) -> Tensor:
+        fast = self.cpu_kernel == "fast"
+        if x2.shape[0] > (self.fast_max_rows if fast else self.exact_max_rows):
+            return self._forward_dequant(x2)
+        self._mark("cpu_fast" if fast else "cpu_exact")
+        return cpu_wq_linear(x2, self._tiles, self._tile_scale, self._tile_bias, self.bits, self.group_size,
+                             self.out_features, fast)
+
+    def _forward_dequant(self, x2: Tensor) -> Tensor:
+        self._mark("dequant")
+        # fp32 and fp64 stay as they are (exact); half inputs compute in bf16, the dtype the x86 GEMMs are fast in.
+        cdt = torch.bfloat16 if x2.dtype in (torch.float16, torch.bfloat16) else x2.dtype
+        xc = x2.to(cdt)
+        n, k = self.out_features, self.in_features
+        rows = max(TILE_N, _DEQUANT_CHUNK_BYTES // (4 * k) // TILE_N * TILE_N)
+        out = torch.empty(x2.shape[0], n, dtype=cdt, device=x2.device)
+        buf = torch.empty(k, rows, dtype=cdt) if self._tiles is not None else None
+        for r in range(0, n, rows):
+            r1 = min(r + rows, n)
+            if buf is not None:  # the kernel layout gives the slice transposed, [K, r1 - r]
+                wt = buf if r1 - r == rows else torch.empty(k, r1 - r, dtype=cdt)
+                w = cpu_unpack_t(self._tiles, self._tile_scale, self.bits, self.group_size, n, k, r, wt).t()
             else:
-                ok = n % 16 == 0 and self._int4_kernel_group() is not None and _int4_cpu_layout() is not None
-            self._cpu_ok = ok
-        return self._cpu_ok
+                s = self.weight_scale[r:r1]
+                w = dequantize(self.weight[r:r1], s, self.bits, self.group_size, dtype=cdt)
+            b = None if self.bias is None else self.bias[r:r1].to(cdt)
+            out[:, r:r1] = F.linear(xc, w, b)
+        return out.to(x2.dtype)
 
-    def _int4_kernel_group(self) -> int | None:
-        # The kernel's group must divide ours: per-channel (one group of K) and large groups repeat the scale.
-        span = self.group_size or self.in_features
-        return next((g for g in _INT4_KERNEL_GROUPS if span % g == 0), None)
+    # ------------------------------------------------------------------------- torch's stock kernels (fallback)
 
-    def _cpu_weight(self) -> tuple[Tensor, Tensor]:
-        """(weight operand, scale operand) of the CPU kernel, built once."""
-        if self._cpu_scales is None:
-            n, k = self.out_features, self.in_features
-            with torch.no_grad(), torch.inference_mode(False):
-                if self.bits == 8:
-                    # Unit scales: the per-channel scale factors out of the dot product and is applied afterwards
-                    # in fp32, exactly as stored, instead of being rounded to bf16 for the kernel.
-                    self._cpu_scales = torch.ones(n, dtype=torch.bfloat16)
-                else:
-                    g = self._int4_kernel_group()
-                    if self.group_size is None:
-                        scale = torch.ones(k // g, n, dtype=torch.bfloat16)  # factored out as for int8
-                    else:  # grouped scales cannot factor out: the kernel takes them in bf16
-                        rep = self.group_size // g
-                        scale = self.weight_scale.to(torch.bfloat16).repeat_interleave(rep, dim=1).t()
-                    # [K/g, N, 2]: (scale, zero) per group; the kernel computes (u - 8) * scale + zero.
-                    self._cpu_scales = torch.stack([scale, torch.zeros_like(scale)], -1).contiguous()
-                    self._cpu_int4 = _repack_int4_cpu(self.weight)
-                    # One copy of the weight: drop the official tensor, which `packed_weight` can rebuild.
-                    self.weight = None
-        return (self.weight if self.bits == 8 else self._cpu_int4), self._cpu_scales
-
-    def _forward_cpu_kernel(self, x2: Tensor) -> Tensor:
-        w, scales = self._cpu_weight()
-        xb = x2.to(torch.bfloat16).contiguous()  # fp16 too: the x86 kernels are ~30x slower in fp16 than bf16
+    def _stock_kernel(self) -> Callable[[Tensor], Tensor] | None:
+        """torch's weight-only CPU operator for this layer where it takes the shape, else None."""
+        n, k = self.out_features, self.in_features
         if self.bits == 8:
-            self._mark("int8_cpu_kernel")
-            y = torch.ops.aten._weight_int8pack_mm(xb, w, scales)
-        else:
-            self._mark("int4_cpu_kernel")
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w, self._int4_kernel_group(), scales)
+            # Per-channel only. With K not a multiple of 16 it returns garbage (even crashes) in torch 2.13.
+            if self.group_size is None and k % 32 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+                return self._stock_int8
+            return None
+        span = self.group_size or k  # the kernel's group must divide ours: per-channel repeats one scale
+        group = next((g for g in _STOCK_INT4_GROUPS if span % g == 0), None)
+        if n % 16 or group is None or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            return None
+        if self._stock_int4 is None:
+            with torch.no_grad(), torch.inference_mode(False):
+                # In slices of rows, to bound the int32 temporary the converter takes (2 GB for lm_head at once):
+                # its layout packs blocks of 16 to 64 rows, which a multiple of 1024 never splits.
+                convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+                w = torch.cat([convert(unpack_int4(self.weight[r : r + 1024]).to(torch.int32) + 8, 1)
+                               for r in range(0, n, 1024)])
+                if self.group_size is None:  # unit scales: the per-channel scale is applied in fp32 afterwards
+                    scale = torch.ones(k // group, n, dtype=torch.bfloat16)
+                else:
+                    scale = self.weight_scale.to(torch.bfloat16).repeat_interleave(self.group_size // group, 1).t()
+                # [K/g, N, 2]: (scale, zero) per group; the kernel computes (u - 8) * scale + zero.
+                self._stock_int4 = w
+                self._stock_scales = (torch.stack([scale, torch.zeros_like(scale)], -1).contiguous(), group)
+        return self._stock_int4_mm
+
+    def _stock_int8(self, x2: Tensor) -> Tensor:
+        self._mark("int8_stock")
+        ones = torch.ones(self.out_features, dtype=torch.bfloat16)
+        return self._stock_finish(torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, ones), x2)
+
+    def _stock_int4_mm(self, x2: Tensor) -> Tensor:
+        self._mark("int4_stock")
+        scales, group = self._stock_scales
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self._stock_int4, group, scales)
+        return self._stock_finish(y, x2)
+
+    def _stock_finish(self, y: Tensor, x2: Tensor) -> Tensor:
         y = y.float()
         if self.group_size is None:
             y = y * self.weight_scale.float()
@@ -419,41 +407,10 @@ class QuantLinear(nn.Module):
             y = y + self.bias.float()
         return y.to(x2.dtype)
 
-    def _forward_dequant_chunked(self, x2: Tensor) -> Tensor:
-        self._mark("dequant")
-        # fp32 stays fp32 (exact); half inputs compute in bf16, the dtype the x86 GEMMs are fast in.
-        cdt = torch.bfloat16 if x2.dtype in (torch.float16, torch.bfloat16) else x2.dtype
-        xc = x2.to(cdt)
-        n, k = self.out_features, self.in_features
-        # A multiple of 64 rows, so that slices of the CPU int4 layout hold whole blocks.
-        rows = max(64, _DEQUANT_CHUNK_BYTES // (4 * k) // 64 * 64)
-        out = torch.empty(x2.shape[0], n, dtype=cdt, device=x2.device)
-        for r in range(0, n, rows):
-            w = self._dequant_rows(r, min(r + rows, n))
-            b = None if self.bias is None else self.bias[r : r + rows].to(cdt)
-            out[:, r : r + rows] = F.linear(xc, w.to(cdt), b)
-        return out.to(x2.dtype)
 
     def _dequant_rows(self, r0: int, r1: int) -> Tensor:
-        """fp32 `q * scale` of output rows [r0, r1): `dequantize`, with fewer passes over memory."""
-        k = self.in_features
-        w = torch.empty(r1 - r0, k, dtype=torch.float32, device=self.weight_scale.device)
-        if self.weight is None:  # only the CPU kernel's repacked copy is left: unpack its rows
-            assert self._cpu_int4 is not None
-            _untangle_int4_cpu(self._cpu_int4[r0:r1], *_known_int4_cpu_layout(), out=w).sub_(8)
-        elif self.bits == 8:
-            w.copy_(self.weight[r0:r1])
-        else:  # write the two nibbles straight into the even and odd columns
-            p = self.weight[r0:r1]
-            pairs = w.view(r1 - r0, k // 2, 2)
-            pairs[..., 0].copy_(p >> 4)  # arithmetic shift: the signed high nibble
-            pairs[..., 1].copy_(((p & 0xF) ^ 8) - 8)  # sign-extend the low nibble
-        s = self.weight_scale[r0:r1].float()
-        if self.group_size is None:
-            return w.mul_(s.unsqueeze(-1))
-        g = self.group_size
-        w.view(r1 - r0, k // g, g).mul_(s.unsqueeze(-1))
-        return w
+        """fp32 `q * scale` of output rows [r0, r1), from whichever layout holds the weight."""
+        return self.rows(torch.arange(r0, r1, device=self.weight_scale.device), torch.float32)
 
 
 class _QuantLinearFunction(torch.autograd.Function):
@@ -470,3 +427,32 @@ class _QuantLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         return ctx.module.grad_input(grad_out), None
+
+
+class QuantEmbedding(nn.Module):
+    """The word embedding of a model whose `lm_head` is quantized and tied to it: rows of the head's weight.
+
+    ChatGLM-6B ties `word_embeddings` to `lm_head`, so with a quantized head the table is the quantized weight, and
+    the 1 GB float table is not kept. The head is not a submodule: its tensors are saved once, as `lm_head.*`.
+
+    Args:
+        head: the quantized `lm_head`, `[vocab, hidden]`.
+        dtype: dtype of the looked-up rows (the model's).
+    """
+
+    def __init__(self, head: QuantLinear, dtype: torch.dtype):
+        super().__init__()
+        self.__dict__["head"] = head  # a plain attribute, not a registered submodule
+        self.dtype = dtype
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """Rows of `q * scale` for token ids of any shape: `[..., hidden]` in `self.dtype`."""
+        return self.head.rows(ids, self.dtype).view(*ids.shape, self.embedding_dim)
+
+    def _apply(self, fn, recurse=True):
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # follow model.half() / .to(dtype)
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows of the quantized lm_head"

@@ -1,5 +1,8 @@
-"""Kernel tests run on the GPU when there is one, else on Triton's CPU interpreter; without triton they are skipped."""
+"""Triton kernel tests run on the GPU when there is one, else on Triton's CPU interpreter; without triton they are
+skipped. The CPU kernel's tests (test_cpu_wq.py) need a C++ compiler instead; its `slow` tests (every other x86 code
+path, one build each) run only when asked for: `pytest -m slow tests/kernels`."""
 
+import importlib.util
 import os
 
 import pytest
@@ -9,7 +12,17 @@ if not torch.cuda.is_available():
     # Before triton is first imported: triton.jit picks the interpreter when a kernel is decorated.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-pytest.importorskip("triton")
+if importlib.util.find_spec("triton") is None:
+    collect_ignore = ["test_gpu.py", "test_wq_gemm.py", "test_wq_gemv.py", "test_wq_linear.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

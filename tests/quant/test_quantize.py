@@ -7,7 +7,16 @@ import torch
 from quant_ckpt import FIXTURES
 from torch import nn
 
-from glm.quant import QuantLinear, is_quantized_linear_name, quantize_, quantized_linear_names, sqnr
+from glm.quant import (
+    QuantEmbedding,
+    QuantLinear,
+    is_quantized_linear_name,
+    quantize_,
+    quantized_linear_names,
+    set_cpu_kernel,
+    sqnr,
+    tie_quantized_embedding,
+)
 
 
 class _Block(nn.Module):
@@ -111,18 +120,40 @@ def test_quantized_tiny_model_reproduces_the_reference_logits(bits):
         assert (ours - ref).abs().max().item() <= 1e-4, case["logits"]
 
 
+@pytest.mark.parametrize("cpu_kernel", ["exact", "fast"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_tiny_model_in_bf16_uses_the_cpu_kernels(bits):
+def test_quantized_tiny_model_in_bf16_uses_the_cpu_kernels(bits, cpu_kernel):
     import glm
+    from glm.kernels.cpu_wq import cpu_kernels
 
     m = glm.load(FIXTURES / "glm-tiny", dtype="bfloat16")
-    quantize_(m.model, bits)
+    quantize_(m.model, bits, cpu_kernel=cpu_kernel)
     cases, tensors = _golden(f"glm-tiny-int{bits}")
     case = next(c for c in cases if "logits" in c)
     ours = _last8(case, m.logits(case["input_ids"]))
     paths = {mod.last_path for mod in m.model.modules() if isinstance(mod, QuantLinear)}
-    rows = len(case["input_ids"])
-    if rows <= QuantLinear.cpu_kernel_max_rows[bits] and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-        assert paths == {f"int{bits}_cpu_kernel"}
+    if cpu_kernels() is not None and len(case["input_ids"]) <= QuantLinear.exact_max_rows:
+        assert paths == {f"cpu_{cpu_kernel}"}
     # bf16 through 3 blocks: far from fp32's 1e-4, but the same logits to bf16 accuracy
-    assert sqnr(tensors[case["logits"]], ours) > 30
+    assert sqnr(tensors[case["logits"]], ours) > (30 if cpu_kernel == "exact" else 25)
+
+
+def test_set_cpu_kernel_and_bad_mode():
+    model = quantize_(_Toy(layers=1), 4)
+    assert {m.cpu_kernel for m in model.modules() if isinstance(m, QuantLinear)} == {"exact"}
+    set_cpu_kernel(model, "fast")
+    assert {m.cpu_kernel for m in model.modules() if isinstance(m, QuantLinear)} == {"fast"}
+    with pytest.raises(ValueError, match="cpu_kernel must be one of"):
+        quantize_(_Toy(layers=1), 4, cpu_kernel="quick")
+
+
+def test_tied_quantized_embedding_replaces_the_float_table():
+    model = _Toy()
+    ids = torch.randint(0, 128, (2, 7))
+    quantize_(model, 4, include_lm_head=True)
+    tie_quantized_embedding(model)
+    assert isinstance(model.word_embeddings, QuantEmbedding)
+    assert "word_embeddings.weight" not in model.state_dict()
+    assert torch.equal(model.word_embeddings(ids), model.lm_head.dequantized_weight()[ids])
+    with pytest.raises(TypeError, match="quantized lm_head"):
+        tie_quantized_embedding(_Toy())
