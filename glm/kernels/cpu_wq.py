@@ -235,18 +235,31 @@ def cpu_kernels(arch: str = "native"):
     return getattr(torch.ops, ns)
 
 
+_UNRESOLVED = object()
+_native_ops: object = _UNRESOLVED
+
+
+def _ops():
+    """This machine's build (:func:`cpu_kernels`), resolved once into a module global: torch.compile traces a global
+    read, where it would try to trace the building function itself."""
+    global _native_ops
+    if _native_ops is _UNRESOLVED:
+        _native_ops = cpu_kernels()
+    return _native_ops
+
+
 def tiles_from_official(weight: Tensor, bits: int, k: int, ops=None) -> Tensor:
     """The tile16 bytes of an official stored weight (int8 ``[N, K * bits / 8]``), in one C++ pass.
 
     Same result as ``pack_tiles(unpack_int4(weight) if bits == 4 else weight, bits)``, without the temporaries.
     """
-    ops = ops or cpu_kernels()
+    ops = ops or _ops()
     return ops.to_tiles(weight.contiguous(), bits, k)
 
 
 def official_from_tiles(w: Tensor, bits: int, n: int, k: int, ops=None) -> Tensor:
     """Inverse of :func:`tiles_from_official`: the official int8 ``[N, K * bits / 8]`` weight."""
-    ops = ops or cpu_kernels()
+    ops = ops or _ops()
     return ops.from_tiles(w, bits, n, k)
 
 
@@ -268,7 +281,7 @@ def cpu_wq_linear(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None, bits
     Returns:
         ``[M, N]`` in x's dtype.
     """
-    ops = ops or cpu_kernels()
+    ops = ops or _ops()
     _check_group(x.shape[-1], group_size)
     return ops.wq_linear(x.contiguous(), w, scale, bias, bits, group_size or 0, n, fast)
 
@@ -283,7 +296,7 @@ def cpu_unpack_t(w: Tensor, scale: Tensor, bits: int, group_size: int | None, n:
     Returns:
         ``out``.
     """
-    ops = ops or cpu_kernels()
+    ops = ops or _ops()
     ops.unpack_t(w, scale, bits, group_size or 0, n, k, r0, out)
     return out
 
@@ -300,5 +313,5 @@ def cpu_unpack_rows(w: Tensor, scale: Tensor, rows: Tensor, bits: int, group_siz
 
     The embedding lookup of a quantized, tied ``lm_head``, and weight slices for GEMMs with many rows.
     """
-    ops = ops or cpu_kernels()
+    ops = ops or _ops()
     return ops.unpack_rows(w, scale, rows.reshape(-1).long().contiguous(), bits, group_size or 0, n, k, dtype)

@@ -340,6 +340,17 @@ def test_cuda_forward_matches_dequantize(bits, group_size):
         assert ((y - truth).abs() <= tol * mag).all(), (dtype, m.last_path)
 
 
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="the CPU kernel could not be built here")
+@pytest.mark.parametrize("cpu_kernel", ["exact", "fast"])
+def test_cpu_forward_traces_in_one_graph(cpu_kernel):
+    """torch.compile (a compiled decode step) sees the kernel as one op: no graph break, same result."""
+    m = QuantLinear.from_linear(_linear(256, 384), 4).prepare()
+    m.cpu_kernel = cpu_kernel
+    x = torch.randn(2, 256).bfloat16()
+    compiled = torch.compile(m, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), m(x))
+
+
 # ---------------------------------------------------------------------------------------------- backward
 
 
