@@ -37,6 +37,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -124,8 +125,17 @@ void quantize_rows(Acts& a, int32_t offset) {
     for (int64_t b = b0; b < b1; ++b) {
       const float* x = a.xf + (b / a.nb) * a.kp + (b % a.nb) * kBlockK;
       int8_t* q = a.xq.data() + (b / a.nb) * a.kp + (b % a.nb) * kBlockK;
-      float amax = 0.f;
-      for (int i = 0; i < kBlockK; ++i) amax = std::max(amax, std::fabs(x[i]));
+      float amax = 0.f, nonfinite = 0.f;
+      for (int i = 0; i < kBlockK; ++i) {
+        amax = std::max(amax, std::fabs(x[i]));
+        nonfinite += x[i] * 0.f;  // NaN if any value is inf or NaN
+      }
+      if (nonfinite != 0.f) {  // NaN: let the outputs be NaN too, as a float matmul's would (the NaN rule needs it)
+        std::fill(q, q + kBlockK, 0);
+        a.xd[b] = std::numeric_limits<float>::quiet_NaN();
+        a.xc[b] = 0;
+        continue;
+      }
       const float d = amax / 127.f;
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
       int32_t sum = 0;

@@ -112,6 +112,16 @@ def test_fast_mode_quantizes_activations_per_block_of_32(ops):
     assert (fast - exact).norm() < 0.3 * (per_row - exact).norm()
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
+def test_nonfinite_inputs_give_nan_outputs(ops, fast):
+    """As a float matmul: the official NaN/inf rule downstream must still see them."""
+    _, w, s, b = _layer(4, None, 32, 64)
+    x = torch.randn(2, 64)
+    x[0, 3] = float("inf")
+    y = cpu_wq_linear(x, w, s, b, 4, None, 32, fast, ops=ops)
+    assert not torch.isfinite(y[0]).any() and torch.isfinite(y[1]).all()
+
+
 def test_empty_and_bad_inputs(ops):
     _, w, s, b = _layer(4, None, 37, 200)
     assert cpu_wq_linear(torch.randn(0, 200), w, s, b, 4, None, 37, False, ops=ops).shape == (0, 37)
