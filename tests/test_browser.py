@@ -137,11 +137,13 @@ def test_messages_sent_while_a_reply_streams_are_answered_once_each_in_order(ser
                 page.keyboard.type(q)
                 page.keyboard.press("Enter")
                 page.wait_for_function("want => document.querySelector('#msg textarea').value === ''")
+            # They show with the reply's next token, waiting under it (the box clears first, outside the queue).
+            page.wait_for_function(
+                "want => Array.from(document.querySelectorAll('#chatbot [data-testid=\"user\"]'),"
+                " e => e.innerText.trim()).join('\\n') === want", arg="\n".join(MID_REPLY), timeout=3_000)
             # Both went while the first reply was still streaming: one bot message, not yet complete.
             assert bot.count() == 1
             assert len(bot.first.inner_text().strip()) < len(history[0][1])
-            # They show at once, waiting under the reply.
-            assert page.locator('#chatbot [data-testid="user"]').all_inner_texts()[1:] == MID_REPLY[1:]
 
             wait_for_bot(2, history[2][1])
             page.wait_for_timeout(500)  # nothing more comes, and nothing goes: each message was answered once
