@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import gc
 import json
 import os
@@ -267,6 +268,9 @@ def bench_model(cfg, device, dtype, quant, group_size, kernels, args, bandwidth)
             return bench_model(cfg, device, dtype, quant, group_size, [None], args, bandwidth)
     model = build_random(cfg, device, dtype, quant, group_size, quant_lm_head=args.quant_lm_head)
     gc.collect()
+    if device.type == "cpu":  # the heap keeps the freed float copies of quantized weights; the loader trims too
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).malloc_trim(0)
     loaded = current_memory(device)
     rows = []
     for kernel in kernels:

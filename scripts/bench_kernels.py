@@ -12,11 +12,12 @@ The median of ``iters`` calls is reported; the first calls (warmup) also run the
 
 CPU: torch's stock operators (``_weight_int4pack_mm_for_cpu``, ``_weight_int8pack_mm``, ``torch._int_mm``, fp16 and
 bf16 ``F.linear``) and ours (``glm.kernels.cpu_wq``: exact and fast modes, INT4 per channel and g128, INT8) on one
-linear shape, bf16 activations. Each operator cycles through copies of its weight filling ``--rotate`` bytes, so
-that every call streams its weight from memory as a decode step does. Prints one JSON line per (operator, M) with
-the median and the minimum of ``--iters`` calls, the weight bytes read per second, and that as a fraction of the
-read bandwidth measured in the same run (the faster of a copy and an fp16 GEMV over 1 GiB), then a markdown table
-of the minima. On a machine shared with other work the minimum is the steadiest figure; compare within one run.
+linear shape, bf16 activations. Each operator cycles through copies of its weight (``--rotate`` GiB each) and the
+calls of all operators take turns in random order, so that every call streams its weight from memory as a decode
+step does and every operator meets the same disturbances. Prints one JSON line per (operator, M) with the median
+and the minimum of ``--iters`` calls, the weight bytes read per second, and that as a fraction of the read
+bandwidth measured in the same run (the faster of a copy and an fp16 GEMV over 1 GiB), then a markdown table of
+the minima. On a machine shared with other work the minimum is the steadiest figure; compare within one run.
 """
 
 from __future__ import annotations
@@ -187,13 +188,18 @@ def _cpu_operators(n: int, k: int):
 
 
 def cpu_kernel_bench(n: int = 16384, k: int = 4096, rows=(1, 8, 32), iters: int = 20,
-                     rotate: int = 1 << 30) -> list[dict]:
+                     rotate: int = 1 << 29) -> list[dict]:
     """Times every CPU weight-only linear of `_cpu_operators` at each M in `rows` (bf16 activations).
+
+    Each operator holds copies of its weight filling `rotate` bytes and the calls take turns, operators and copies
+    in a fresh random order every round: every operator sees the same spells of other work on the machine, and
+    each call finds its weight evicted by everything read since its last turn.
 
     Returns:
         One dict for the bandwidth, then one per (operator, M): ``median_ms``, ``min_ms``, ``weight_gb_s`` (at the
         minimum) and ``bw_fraction`` (of the bandwidth row).
     """
+    import random
     import time
 
     from bench import copy_bandwidth, gemv_read_bandwidth  # scripts/bench.py
@@ -202,25 +208,32 @@ def cpu_kernel_bench(n: int = 16384, k: int = 4096, rows=(1, 8, 32), iters: int 
     bw = max(copy_bandwidth(cpu), gemv_read_bandwidth(cpu))
     out: list[dict] = [{"device": "cpu", "threads": torch.get_num_threads(), "kind": "read_bandwidth",
                         "gb_per_s": round(bw / 1e9, 1)}]
-    for name, nbytes, make, fn in _cpu_operators(n, k):
+    ops = _cpu_operators(n, k)
+    sets = {}
+    for name, nbytes, make, _ in ops:
         first = make()
-        sets = [first] + [tuple(t.clone() for t in first) for _ in range(max(0, rotate // nbytes - 1))]
+        sets[name] = [first] + [tuple(t.clone() for t in first) for _ in range(max(0, rotate // nbytes - 1))]
+    xs = {m: torch.randn(m, k).bfloat16() for m in rows}
+    xq = {m: torch.randint(-127, 128, (m, k), dtype=torch.int8) for m in rows}
+    times: dict[tuple[str, int], list[float]] = {(name, m): [] for name, *_ in ops for m in rows}
+    rng = random.Random(0)
+    for rnd in range(iters + 1):
+        calls = [(op, m) for op in ops for m in rows]
+        rng.shuffle(calls)
+        for (name, _, _, fn), m in calls:
+            x = xq[m] if "int_mm" in name else xs[m]
+            st = sets[name][(rnd * len(rows) + rows.index(m)) % len(sets[name])]
+            t0 = time.perf_counter()
+            fn(x, st)
+            if rnd:  # round 0 warms up
+                times[(name, m)].append(time.perf_counter() - t0)
+    for name, nbytes, _, _ in ops:
         for m in rows:
-            x = torch.randn(m, k).bfloat16()
-            if "int_mm" in name:
-                x = torch.randint(-127, 128, (m, k), dtype=torch.int8)
-            for st in sets[:2]:
-                fn(x, st)
-            times = []
-            for i in range(iters):
-                t0 = time.perf_counter()
-                fn(x, sets[i % len(sets)])
-                times.append(time.perf_counter() - t0)
-            best = min(times)
+            best = min(times[(name, m)])
             out.append({"device": "cpu", "shape": f"{k}->{n}", "operator": name, "M": m,
-                        "median_ms": round(statistics.median(times) * 1e3, 2), "min_ms": round(best * 1e3, 2),
-                        "weight_gb_s": round(nbytes / best / 1e9, 1), "bw_fraction": round(nbytes / best / bw, 3)})
-        del sets, first
+                        "median_ms": round(statistics.median(times[(name, m)]) * 1e3, 2),
+                        "min_ms": round(best * 1e3, 2), "weight_gb_s": round(nbytes / best / 1e9, 1),
+                        "bw_fraction": round(nbytes / best / bw, 3)})
     return out
 
 
@@ -247,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--rows", default="1,8,32", help="CPU: the M values")
     parser.add_argument("--shape", default="4096x16384", help="CPU: KxN of the linear")
-    parser.add_argument("--rotate", type=float, default=1.0, help="CPU: GiB of weight copies cycled through")
+    parser.add_argument("--rotate", type=float, default=0.5, help="CPU: GiB of weight copies per operator")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if not cuda:
