@@ -232,6 +232,7 @@ def load(
     compile: bool = False,
     max_batch: int = 1,
     max_context: int | None = None,
+    cpu_kernel: str = "exact",
     progress: bool = False,
 ) -> ChatGLM:
     """Load ChatGLM-6B from a Hub repo id or a local folder.
@@ -244,12 +245,14 @@ def load(
             models over 1B parameters).
         quant: 8 or 4 to quantize the block linears while loading (weight-only); None keeps the stored weights.
         group_size: None for per-output-channel scales (the official scheme), or 32/64/128 (int4 only).
-        quantize_lm_head: quantize lm_head too (1 GB in fp16).
+        quantize_lm_head: quantize lm_head too (1 GB in fp16), with `quant` or on a checkpoint stored quantized.
         ptuning: a P-Tuning v2 checkpoint folder (its config.json and prefix encoder) to apply on top.
         compile: decode through `torch.compile(mode="reduce-overhead")`: CUDA graphs on a GPU (fixed shapes).
         max_batch: cache rows, i.e. requests decoded together (each row holds up to max_context tokens).
         max_context: tokens of prompt plus reply per request (default: the config's max_sequence_length, 2048);
             longer requests are refused, and generation stops there.
+        cpu_kernel: quantized models on a CPU: "exact" (float activations, the parity path) or "fast" (int8
+            activations per block of 32: faster, above all for batches; see docs/quantization.md).
         progress: show progress bars.
     """
     if quant not in (None, 0, 4, 8):
@@ -259,6 +262,8 @@ def load(
             raise ValueError(f"group_size must be 32, 64 or 128, got {group_size!r}")
         if quant != 4:
             raise ValueError("group_size applies to quant=4 only")
+    if cpu_kernel not in ("exact", "fast"):
+        raise ValueError(f"cpu_kernel must be 'exact' or 'fast', got {cpu_kernel!r}")
     dev = resolve_device(device)
     resolve_dtype(dtype, dev)  # reject a bad name before any download
     t0 = time.perf_counter()
@@ -266,6 +271,13 @@ def load(
     dt = resolve_dtype(dtype, dev, _n_params(folder))
     net = build_model(folder, device=dev, dtype=dt, quant=quant or None, group_size=group_size,
                       quantize_lm_head=quantize_lm_head, ptuning=Path(ptuning) if ptuning else None, progress=progress)
+    if cpu_kernel != "exact":
+        if not net.config.quantization_bit:
+            raise ValueError("cpu_kernel='fast' applies to quantized models: add quant=4 or 8, or load an "
+                             "-int4/-int8 checkpoint")
+        from glm.quant import set_cpu_kernel
+
+        set_cpu_kernel(net, cpu_kernel)
     tok_file = folder / "ice_text.model"
     # A bare weights folder (like the tiny test models) has no tokenizer: ids in, ids out still work.
     tokenizer = Tokenizer.from_config(tok_file, net.config) if tok_file.is_file() else None

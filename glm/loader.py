@@ -351,16 +351,24 @@ def build_model(
             f"this checkpoint is already int{cfg.quantization_bit}; it cannot be re-quantized to int{quant}"
         )
     stored_quant = cfg.quantization_bit
+    if quantize_lm_head and not (quant or stored_quant):
+        raise ValueError("quantizing the output layer needs quant=4 or 8 (--quant), or a quantized checkpoint")
     with torch.device("meta"):
         model = GLM(cfg)
     if stored_quant:
         _swap_in_quant_linears(model, cfg)
 
     pending = {}  # linear -> tensors still to read before it can be quantized
+    head_added = stored_quant and quantize_lm_head and not cfg.quantize_lm_head
     if quant and not stored_quant:
         from glm.quant import swap_linear
 
         pending = {n: {"weight", "bias"} for n in _quant_linear_names(cfg.num_layers, quantize_lm_head)}
+    elif head_added:  # the official -int4/-int8 checkpoints keep a float head: quantize it like the blocks
+        from glm.quant import swap_linear
+
+        quant, group_size = cfg.quantization_bit, cfg.quantization_group_size
+        pending = {"lm_head": {"weight", "bias"}}
     seen: set[str] = set()
     bar = None
     if progress:
@@ -380,22 +388,28 @@ def build_model(
             if (is_prefix and not cfg.pre_seq_len) or (from_prefix and not is_prefix):
                 continue
             _check_tensor(ck_name, t, _expected(model, name), stored_quant)
+            mod_name, _, attr = name.rpartition(".")
+            tied_head = name == "word_embeddings.weight" and "lm_head" in pending and cfg.tie_word_embeddings
             if is_prefix:  # the prefix encoder stays float32, as the official scripts keep it
                 t = t.to(device=device, dtype=torch.float32)
+            elif (attr == "weight" and mod_name in pending) or tied_head:
+                # About to be quantized: kept as stored (memory-mapped, no float copy), so it is quantized from the
+                # checkpoint's own values, as the official quantizer quantizes the fp16 release.
+                t = t.to(device=device)
             elif t.is_floating_point() and not name.endswith("weight_scale"):
                 t = t.to(device=device, dtype=dtype)
             else:  # int8 weights as stored; scales as stored (upcast at use, never rounded down)
                 t = t.to(device=device)
             _set_tensor(model, name, t)
             seen.add(name)
-            mod_name, _, attr = name.rpartition(".")
-            if name == "word_embeddings.weight" and "lm_head" in pending and cfg.tie_word_embeddings:
+            if tied_head:
                 # Quantize the tied head now and look the embedding up in it: the float table goes at once.
                 from glm.quant import tie_quantized_embedding
 
                 model.lm_head.weight = model.word_embeddings.weight
                 swap_linear(model, "lm_head", quant, group_size)
                 tie_quantized_embedding(model)
+                model.word_embeddings.dtype = dtype  # rows come out in the model's dtype, not the stored one
                 del pending["lm_head"]
             if mod_name in pending:
                 pending[mod_name].discard(attr)
@@ -431,6 +445,8 @@ def build_model(
         model.config.quantization_bit = quant
         model.config.quantization_group_size = group_size
         model.config.quantize_lm_head = quantize_lm_head
+    elif head_added:
+        model.config.quantize_lm_head = True
     return model.eval().requires_grad_(False)
 
 

@@ -107,7 +107,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--group-size", type=int, choices=(32, 64, 128), default=None,
                    help="int4 only: one scale per GROUP_SIZE inputs instead of one per output row")
     g.add_argument("--quant-lm-head", action="store_true",
-                   help="with --quant: quantize the output layer too (1 GB in fp16; faster decoding on a CPU)")
+                   help="with --quant or a quantized checkpoint: quantize the output layer too (1 GB in fp16; "
+                        "faster decoding on a CPU)")
+    g.add_argument("--cpu-kernel", choices=("exact", "fast"), default="exact",
+                   help="quantized models on a CPU: exact (float activations, as the official code) or fast "
+                        "(int8 activations: faster, above all with several users; default: exact)")
     g.add_argument("--ptuning", default=None, metavar="DIR",
                    help="apply a P-Tuning v2 prefix (a glm-finetune or official ptuning output folder)")
     g.add_argument("--compile", action="store_true",
@@ -119,8 +123,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", metavar="DEVICE",
                    help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
-                   help="auto: float16 on CUDA; on CPU bfloat16 for ChatGLM-6B, float32 for small models "
-                        "(default: auto)")
+                   help="auto: float16 on CUDA; on CPU float32 for small models, and for ChatGLM-6B the "
+                        "half type this CPU runs fastest, found by a short probe (default: auto)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -183,6 +187,10 @@ def summary(m, name: str) -> str:
     q = m.config.quantization_bit
     gs = getattr(m.config, "quantization_group_size", None)
     quant = f"int{q}" + (f" (group size {gs})" if gs else "") if q else "no quant"
+    if q and m.config.quantize_lm_head:
+        quant += " with the output layer"
+    if m.device.type == "cpu" and any(getattr(mod, "cpu_kernel", None) == "fast" for mod in m.model.modules()):
+        quant += ", fast CPU kernel"
     dtype = str(m.dtype).removeprefix("torch.")
     return (f"glm: {name} on {m.device}, {dtype}, {quant}, {_human_bytes(m.memory_bytes())} weights, "
             f"loaded in {m.load_seconds:.1f} s")
@@ -204,9 +212,10 @@ def load_from_args(args: argparse.Namespace, log=None, max_batch: int = 1):
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     try:
         m = glm.load(args.model, revision=args.revision, device=args.device, dtype=args.dtype, quant=args.quant,
-                     group_size=args.group_size, quantize_lm_head=args.quant_lm_head and bool(args.quant),
+                     group_size=args.group_size, quantize_lm_head=args.quant_lm_head,
                      ptuning=getattr(args, "ptuning", None), compile=args.compile, max_batch=max_batch,
-                     max_context=args.max_context, progress=isatty(log))
+                     max_context=args.max_context, cpu_kernel=getattr(args, "cpu_kernel", "exact"),
+                     progress=isatty(log))
     except (glm.CheckpointError, glm.ConfigError, glm.GenerationError, ValueError) as e:
         raise CLIError(str(e)) from None
     except ImportError as e:  # e.g. --quant before glm.quant is available, or a missing optional package

@@ -234,11 +234,15 @@ def test_error_cuda_without_cuda():
     (["--quant", "3"], "argument --quant: invalid choice"),
     (["--group-size", "64"], "--group-size applies to --quant 4 only"),
     (["--dtype", "float64"], "argument --dtype: invalid choice"),
+    (["--cpu-kernel", "turbo"], "argument --cpu-kernel: invalid choice"),
     (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--cpu-kernel", "fast"], "cpu_kernel='fast' applies to quantized models"),
+    (["--quant-lm-head"], "quantizing the output layer needs quant=4 or 8 (--quant)"),
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_error_bad_option_values(args, needle):
     r = run("--model", str(TINY), *args, "--prompt", "hi")
-    line = one_line_error(r, 1 if args[0] == "--device" else 2)  # --device is checked at load
+    at_load = args[0] == "--device" or args == ["--cpu-kernel", "fast"] or args == ["--quant-lm-head"]
+    line = one_line_error(r, 1 if at_load else 2)  # these are checked when the model loads
     assert needle in line
 
 
@@ -346,7 +350,8 @@ def test_help_is_fast_and_lists_the_options():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env())
     assert r.returncode == 0, r.stderr
     for opt in ("--model", "--revision", "--quant", "--group-size", "--device", "--dtype", "--max-length",
-                "--top-p", "--temperature", "--top-k", "--repetition-penalty", "--greedy", "--seed", "--prompt"):
+                "--top-p", "--temperature", "--top-k", "--repetition-penalty", "--greedy", "--seed", "--prompt",
+                "--cpu-kernel", "--quant-lm-head", "--max-context", "--ptuning"):
         assert opt in r.stdout
     assert "--delay-ms" not in r.stdout  # a test hook, not an option for users
     from glm.loader import DEFAULT_MODEL

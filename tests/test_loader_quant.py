@@ -96,6 +96,43 @@ def test_bad_quant_options_are_clear_errors():
         glm.load(FIXTURES / "glm-tiny", quant=8, group_size=32)
     with pytest.raises(glm.CheckpointError, match="already int4"):
         glm.load(FIXTURES / "glm-tiny-int4", quant=8)
+    with pytest.raises(ValueError, match="output layer needs quant=4 or 8"):
+        glm.load(FIXTURES / "glm-tiny", quantize_lm_head=True)
+    with pytest.raises(ValueError, match="cpu_kernel must be"):
+        glm.load(FIXTURES / "glm-tiny-int4", cpu_kernel="turbo")
+    with pytest.raises(ValueError, match="applies to quantized models"):
+        glm.load(FIXTURES / "glm-tiny", cpu_kernel="fast")
+
+
+@pytest.mark.parametrize("kw", [dict(quant=4), dict()])
+def test_fast_cpu_kernel_is_chosen_at_load(kw):
+    from glm.quant import QuantLinear
+
+    path = FIXTURES / ("glm-tiny" if kw else "glm-tiny-int4")
+    m = glm.load(path, cpu_kernel="fast", **kw)
+    kernels = {mod.cpu_kernel for mod in m.model.modules() if isinstance(mod, QuantLinear)}
+    assert kernels == {"fast"}
+    exact = glm.load(path, **kw)
+    assert {mod.cpu_kernel for mod in exact.model.modules() if isinstance(mod, QuantLinear)} == {"exact"}
+    ids = [801, 456, 1001, 1004]
+    a, b = m.logits(ids), exact.logits(ids)
+    assert (a - b).abs().max() < 0.05 * b.abs().max()  # int8 activations: close, not equal
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_head_of_an_official_quantized_checkpoint_is_quantized_on_request(tmp_path, bits):
+    """The -int4/-int8 releases keep lm_head in fp16; quantize_lm_head quantizes it with the blocks' bits as it is
+    read, exactly as quantizing the float checkpoint with its head would."""
+    from glm.quant import QuantLinear
+
+    m = glm.load(FIXTURES / f"glm-tiny-int{bits}", quantize_lm_head=True)
+    ref = glm.load(FIXTURES / "glm-tiny", quant=bits, quantize_lm_head=True)
+    assert isinstance(m.model.lm_head, QuantLinear) and m.config.quantize_lm_head
+    a, b = m.model.lm_head.state_dict(), ref.model.lm_head.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = [801, 456, 1001, 1004]
+    again = glm.load(glm.save(m, tmp_path / "q"))
+    assert again.config.quantize_lm_head and torch.equal(m.logits(ids), again.logits(ids))
 
 
 def test_quantized_lm_head(tmp_path):

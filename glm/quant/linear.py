@@ -54,8 +54,8 @@ __all__ = ["CPU_KERNELS", "QuantEmbedding", "QuantLinear"]
 CPU_KERNELS = ("exact", "fast")
 # Dequantized rows per matmul in the "dequant" path: about 2 MiB of fp32 weight, so it stays in cache.
 _DEQUANT_CHUNK_BYTES = 2 << 20
-# Rows quantized at a time in `from_linear`, to bound the fp32 copy of an fp16 weight.
-_QUANTIZE_ROWS = 1024
+# Rows quantized at a time in `from_linear`, to bound the fp32 temporaries (16 MiB of fp32 at K = 16384).
+_QUANTIZE_ROWS = 256
 # Group sizes `_weight_int4pack_mm_for_cpu` accepts (torch 2.13 checks exactly these).
 _STOCK_INT4_GROUPS = (256, 128, 64, 32)
 # Up to this many rows torch's stock weight-only kernels beat dequantize + bf16 GEMM (their cost grows per row).

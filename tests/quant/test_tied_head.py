@@ -49,3 +49,14 @@ def test_float_tied_head_is_still_saved_once(tied, tmp_path):
 
     saved = load_file(str(glm.save(m, tmp_path / "q") / "model.safetensors"))
     assert "lm_head.weight" not in saved and "transformer.word_embeddings.weight" in saved
+
+
+def test_tied_head_of_a_stored_quantized_checkpoint_is_quantized_on_request(tied, tmp_path):
+    """As the -int4 release: blocks stored int4, the head float and tied; quantize_lm_head quantizes it on load."""
+    stored = glm.save(glm.load(tied, quant=4), tmp_path / "q")
+    m = glm.load(stored, quantize_lm_head=True)
+    ref = glm.load(tied, quant=4, quantize_lm_head=True)
+    assert isinstance(m.model.word_embeddings, QuantEmbedding) and m.model.word_embeddings.head is m.model.lm_head
+    a, b = m.model.state_dict(), ref.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(m.logits(IDS), ref.logits(IDS))
