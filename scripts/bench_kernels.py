@@ -143,6 +143,27 @@ def kernel_bench(device: str = "cuda", dtype: torch.dtype = torch.float16, iters
 # ------------------------------------------------------------------------------------------------------- CPU
 
 
+def _inductor_operators(n: int, k: int):
+    """The other route: inductor generating the dequantize-and-multiply of the same weights (compiled per M)."""
+
+    def int8(x, q, s):
+        return torch.nn.functional.linear(x, q.to(x.dtype)) * s
+
+    def int4(x, p, s):  # the official nibble order: first value in the high nibble
+        w = torch.stack([p >> 4, (p << 4) >> 4], -1).reshape(p.shape[0], -1)
+        return torch.nn.functional.linear(x, w.to(x.dtype)) * s
+
+    c8, c4 = torch.compile(int8, dynamic=False), torch.compile(int4, dynamic=False)
+    return [
+        ("inductor int8 (torch.compile of dequantize + F.linear)", n * k,
+         lambda: (torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, dtype=torch.bfloat16)),
+         lambda x, st: c8(x, *st)),
+        ("inductor int4 (torch.compile of unpack + F.linear)", n * k // 2,
+         lambda: (torch.randint(-128, 128, (n, k // 2), dtype=torch.int8), torch.rand(n, dtype=torch.bfloat16)),
+         lambda x, st: c4(x, *st)),
+    ]
+
+
 def _cpu_operators(n: int, k: int):
     """(name, weight bytes, make() -> state, fn(x, state)) for every CPU weight-only linear we compare."""
     from glm.kernels.cpu_wq import cpu_kernels, pack_tiles, tile_scales
@@ -188,7 +209,7 @@ def _cpu_operators(n: int, k: int):
 
 
 def cpu_kernel_bench(n: int = 16384, k: int = 4096, rows=(1, 8, 32), iters: int = 20,
-                     rotate: int = 1 << 29) -> list[dict]:
+                     rotate: int = 1 << 29, inductor: bool = False) -> list[dict]:
     """Times every CPU weight-only linear of `_cpu_operators` at each M in `rows` (bf16 activations).
 
     Each operator holds copies of its weight filling `rotate` bytes and the calls take turns, operators and copies
@@ -208,7 +229,8 @@ def cpu_kernel_bench(n: int = 16384, k: int = 4096, rows=(1, 8, 32), iters: int 
     bw = max(copy_bandwidth(cpu), gemv_read_bandwidth(cpu))
     out: list[dict] = [{"device": "cpu", "threads": torch.get_num_threads(), "kind": "read_bandwidth",
                         "gb_per_s": round(bw / 1e9, 1)}]
-    ops = _cpu_operators(n, k)
+    # The inductor candidates run alone: each call allocates a dequantized weight, which disturbs other operators.
+    ops = _inductor_operators(n, k) if inductor else _cpu_operators(n, k)
     sets = {}
     for name, nbytes, make, _ in ops:
         first = make()
@@ -261,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="1,8,32", help="CPU: the M values")
     parser.add_argument("--shape", default="4096x16384", help="CPU: KxN of the linear")
     parser.add_argument("--rotate", type=float, default=0.5, help="CPU: GiB of weight copies per operator")
+    parser.add_argument("--inductor", action="store_true",
+                        help="CPU: time the torch.compile candidates instead (a run of their own)")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if not cuda:
@@ -268,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         k, n = (int(v) for v in args.shape.lower().split("x"))
         rows = cpu_kernel_bench(n, k, tuple(int(m) for m in args.rows.split(",")), args.iters or 20,
-                                int(args.rotate * (1 << 30)))
+                                int(args.rotate * (1 << 30)), args.inductor)
         print(json.dumps({"torch": torch.__version__}), flush=True)
         for row in rows:
             print(json.dumps(row), flush=True)

@@ -49,6 +49,10 @@ def serve(args) -> None:
     device = glm.engine.resolve_device(args.device)
     dtype = glm.engine.resolve_dtype(args.dtype, device, 6_000_000_000)
     model = build_random(cfg, device, dtype, args.quant, None, quant_lm_head=bool(args.quant))
+    if args.quant:
+        from glm.quant import set_cpu_kernel
+
+        set_cpu_kernel(model, args.cpu_kernel)
     m = glm.engine.ChatGLM(model, Tokenizer.from_config(TOKENIZER, cfg), compile=args.compile,
                            max_batch=args.clients)
     import uvicorn
@@ -114,6 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--layers", type=int, default=None, help="blocks (default 28: the full model)")
     p.add_argument("--quant", type=int, choices=(4, 8), default=None)
+    p.add_argument("--cpu-kernel", choices=("exact", "fast"), default="exact", help="with --quant, on a CPU")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (and cache rows)")
     p.add_argument("--requests", type=int, default=None, help="requests in each run (default: --clients)")
     p.add_argument("--new", type=int, default=32, help="tokens per reply")

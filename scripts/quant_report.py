@@ -127,6 +127,9 @@ def report(title: str, model, prompts: list[list[int]], steps: int) -> list[str]
     for name, *_ in VARIANTS:
         db, kl, top1, vs_exact = out[name]
         lines.append(f"| {name} | {db:.2f} | {kl:.3e} | {top1:.3f} | {'' if vs_exact is None else f'{vs_exact:.3f}'} |")
+    deltas = [f"{name} {100 * (out[name][2] - out[exact][2]):+.1f}" for name, *_, exact in VARIANTS if exact]
+    lines += ["", "Top-1 agreement with float of each fast row minus its exact row's, in points: "
+              + ", ".join(deltas) + "."]
     lines += ["", f"Per-layer SQNR (dB), {len(model.layers)} layers × {len(LINEARS)} linears "
                   f"({', '.join(LINEARS)}):", "", "| layer.linear | " + " | ".join(n for n, _, _ in SCHEMES) + " |",
               "| --- |" + " ---: |" * len(SCHEMES)]
@@ -155,7 +158,8 @@ def main(argv=None) -> int:
              "dot products run on integers (`vpdpbusd` with AVX-512 VNNI, `vpmaddubsw` on AVX2) and each block's sum "
              "is scaled once. The weights are read once for up to 8 rows, so a batch of 8 costs little more than one "
              "row. Not exact: the tables below give its cost next to the exact path's.", "",
-             "Choose with `glm.quant.set_cpu_kernel(model, \"fast\")` (or `quantize_(..., cpu_kernel=\"fast\")`); "
+             "Choose with `glm.load(..., cpu_kernel=\"fast\")` or `--cpu-kernel fast` (on a model at hand, "
+             "`glm.quant.set_cpu_kernel(model, \"fast\")`); "
              "`python scripts/bench.py --modes int4,int4-fast` times both. Past `QuantLinear.exact_max_rows` (32) "
              "rows in exact mode and `fast_max_rows` (128) in fast mode, long prompts dequantize slices of the weight "
              "and run one bf16 GEMM each, which is faster there. Both modes read one copy of the weight, in the "
