@@ -198,3 +198,17 @@ def test_bad_quantization_settings_in_config(tmp_path, kw):
     (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), **kw}))
     field = "quantization_group_size" if "quantization_group_size" in kw else "quantization_bit"
     assert field in refused(glm.ConfigError, glm.load, d)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_from_the_stored_values_whatever_the_dtype(bits):
+    """The fp16 checkpoint is quantized from its fp16 values, as the official quantizer does, not from a bfloat16
+    rounding of them: the int8/int4 weights are the same whatever dtype the model runs in."""
+    from glm.quant import QuantLinear
+
+    def weights(dtype):
+        m = glm.load(FIXTURES / "glm-tiny", dtype=dtype, quant=bits)
+        return {n: mod.packed_weight() for n, mod in m.model.named_modules() if isinstance(mod, QuantLinear)}
+
+    a, b = weights("float32"), weights("bfloat16")
+    assert a.keys() == b.keys() and a and all(torch.equal(a[n], b[n]) for n in a)
