@@ -111,10 +111,11 @@ class KVCache(nn.Module):
             self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
 
-    def row(self, i: int) -> KVCache:
-        """A cache over row i alone, sharing this one's memory (a request is prefilled into its row through it)."""
+    def rows(self, lo: int, hi: int) -> KVCache:
+        """A cache over rows [lo, hi), sharing this one's memory (a request is prefilled into its row through it;
+        an eager decode step runs over the span of rows in use)."""
         view = KVCache.__new__(KVCache)
         nn.Module.__init__(view)
-        view.register_buffer("k", self.k[i : i + 1], persistent=False)
-        view.register_buffer("v", self.v[i : i + 1], persistent=False)
+        view.register_buffer("k", self.k[lo:hi], persistent=False)
+        view.register_buffer("v", self.v[lo:hi], persistent=False)
         return view

@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from glm.attention import attention_mask
+from glm.attention import KVCache, attention_mask
 from glm.config import GLMConfig
 
 
@@ -432,6 +432,7 @@ class Scheduler:
         self.caches = None
         self._state: dict[str, Tensor] = {}
         self._compiled = None
+        self._views: dict[tuple, list] = {}  # (lo, hi, allocation) -> cache views of that span of rows
         self._cv = threading.Condition()
         self._worker: threading.Thread | None = None
 
@@ -588,7 +589,7 @@ class Scheduler:
         n, T = batch.ids.shape
         slots = torch.arange(P, P + T, device=model.device)
         if n == 1:
-            caches = [c.row(group[0][0]) for c in self.caches]  # straight into the row
+            caches = self._span(group[0][0], group[0][0] + 1)  # straight into the row
         else:
             caches = model.new_caches(n, P + T)
             model.fill_prefix(caches)
@@ -623,6 +624,14 @@ class Scheduler:
         ctx, mask_pos = prompt_layout(req.prompt, cfg)
         st["pos"][i, 0], st["pos"][i, 1] = mask_pos, T - ctx + 1
 
+    def _span(self, lo: int, hi: int) -> list[KVCache]:
+        """The caches of rows [lo, hi): views, made once per span and cache allocation."""
+        key = (lo, hi, self.caches[0].k.data_ptr(), self.caches[0].k.shape)
+        if key not in self._views:
+            self._views = {k: v for k, v in self._views.items() if k[2:] == key[2:]}  # drop stale allocations
+            self._views[key] = [c.rows(lo, hi) for c in self.caches]
+        return self._views[key]
+
     def _decode_step(self) -> None:
         st, P = self._state, self.P
         active = [i for i, r in enumerate(self.rows) if r is not None]
@@ -630,19 +639,24 @@ class Scheduler:
             h(len(active))
         n_keys = P + max(self.lengths[i] for i in active) + 1
         S = self.caches[0].k.shape[2]
-        slot = st["lens"].clone()  # (B,) where each row writes its new token
+        # Eager steps run over the span of rows in use (rows are taken lowest first, so a lone request decodes as
+        # batch 1); a compiled step keeps one shape, all rows.
+        lo, hi = (0, self.max_batch) if self.compile else (active[0], active[-1] + 1)
+        slot = st["lens"][lo:hi].clone()  # (n,) where each row writes its new token
         keys = torch.arange(S, device=slot.device)
         # A decode query sees every written slot of its row: the prefix and all earlier tokens, and itself.
-        key_valid = keys[None, :] <= slot[:, None]  # (B, S)
-        logits = self._step(st["last"][:, None], st["pos"][:, :, None], slot[:, None], key_valid, n_keys)
+        key_valid = keys[None, :] <= slot[:, None]  # (n, S)
+        logits = self._step(st["last"][lo:hi, None], st["pos"][lo:hi, :, None], slot[:, None], key_valid, n_keys,
+                            lo, hi)
         a = st["active"].long()
         st["lens"] += a
         st["pos"][:, 1] += a
         for i in active:
             self.lengths[i] += 1
-        self._sample_and_emit(active, logits[active] if len(active) < self.max_batch else logits)
+        rows = [i - lo for i in active]
+        self._sample_and_emit(active, logits[rows] if len(rows) < hi - lo else logits)
 
-    def _step(self, tok, pos, slot, key_valid, n_keys) -> Tensor:
+    def _step(self, tok, pos, slot, key_valid, n_keys, lo, hi) -> Tensor:
         if self.compile:
             S = key_valid.shape[1]
             n = min(S, -(-n_keys // self.KEY_BUCKET) * self.KEY_BUCKET)
@@ -655,10 +669,11 @@ class Scheduler:
                 warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); decoding eagerly", RuntimeWarning,
                               stacklevel=2)
                 self.compile = False
-        return self._eager_step(tok, pos, slot, key_valid[:, None, None, :n_keys])
+        caches = self.caches if (lo, hi) == (0, self.max_batch) else self._span(lo, hi)
+        return self._eager_step(tok, pos, slot, key_valid[:, None, None, :n_keys], caches)
 
-    def _eager_step(self, tok, pos, slot, mask):
-        return self.model(tok, pos, mask, self.caches, slot, last_only=True)[:, -1]
+    def _eager_step(self, tok, pos, slot, mask, caches=None):
+        return self.model(tok, pos, mask, self.caches if caches is None else caches, slot, last_only=True)[:, -1]
 
     def _sample_and_emit(self, rows: list[int], logits: Tensor) -> None:
         """Choose the next token of `rows` from their logits (n, V) in one batched pass, then hand them out."""

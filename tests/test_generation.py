@@ -115,6 +115,35 @@ def test_rows_join_and_leave_mid_decode_with_greedy_outputs_unchanged(pooled, ti
     assert pooled.scheduler.running == 0
 
 
+def test_eager_steps_run_over_the_rows_in_use(pooled, tiny, monkeypatch):
+    """A lone request decodes as batch 1 in a pool of 3; with rows 0 and 2 in use the step spans 3 rows, and once
+    row 0 is done, row 2 decodes alone. The outputs are the solo ones throughout."""
+    model, batches = pooled.scheduler.model, []
+    forward = model.forward
+
+    def spy(ids, *a, **k):
+        if ids.shape[1] == 1:  # decode steps (prefills see the whole prompt)
+            batches.append(ids.shape[0])
+        return forward(ids, *a, **k)
+
+    monkeypatch.setattr(model, "forward", spy)
+    a, b, c = (g["input_ids"] for g in GREEDY[:3])
+    assert list(pooled.submit(a, GenerationConfig(max_new_tokens=6, stop_at_eos=False))) == \
+        tiny.generate(a, 6, stop_at_eos=False)
+    assert batches == [1] * 5
+    batches.clear()
+    go = threading.Event()
+    reqs = [pooled.submit(a, GenerationConfig(max_new_tokens=12, stop_at_eos=False), logits_hook=lambda _: go.wait(5)),
+            pooled.submit(b, GenerationConfig(max_new_tokens=3, stop_at_eos=False)),
+            pooled.submit(c, GenerationConfig(max_new_tokens=24, stop_at_eos=False))]
+    go.set()
+    outs = [list(r) for r in reqs]
+    assert outs == [tiny.generate(a, 12, stop_at_eos=False), tiny.generate(b, 3, stop_at_eos=False),
+                    tiny.generate(c, 24, stop_at_eos=False)]
+    assert batches[0] == 3 and batches[-1] == 1 and set(batches) == {3, 1}
+    assert pooled.scheduler.running == 0
+
+
 def test_a_cancelled_request_frees_its_row_and_the_others_are_unchanged(pooled, tiny):
     a, b = GREEDY[0]["input_ids"], GREEDY[1]["input_ids"]
     expect = tiny.generate(b, 24, stop_at_eos=False)
