@@ -401,11 +401,12 @@ class Request:
 class Scheduler:
     """Continuous batching over a fixed pool of `max_batch` cache rows, driven by one worker thread.
 
-    Requests wait FIFO (at most `max_waiting`) for a free row, are prefilled whole, then share one
-    (max_batch, 1) decode step; inactive rows are masked, never reallocated. Eager decoding reads only the key
-    slots in use. With `compile=True` the step runs through `torch.compile(mode="reduce-overhead")` (CUDA graphs
-    on a GPU) with fixed shapes: the caches are allocated for the whole context at once, and attention reads the
-    key slots rounded up to a bucket of `KEY_BUCKET`, so that a handful of graphs serve every length.
+    Requests wait FIFO (at most `max_waiting`) for a free row, are prefilled whole, then share one decode step;
+    inactive rows are masked, never reallocated. Eager decoding runs over the span of rows in use and reads only
+    the key slots in use. With `compile=True` the step runs through `torch.compile(mode="reduce-overhead")` (CUDA
+    graphs on a GPU) with fixed shapes, (max_batch, 1): the caches are allocated for the whole context at once, and
+    attention reads the key slots rounded up to a bucket of `KEY_BUCKET`, so that a handful of graphs serve every
+    length.
     """
 
     KEY_BUCKET = 512
