@@ -106,7 +106,7 @@ def test_bad_quant_options_are_clear_errors():
 
 @pytest.mark.parametrize("kw", [dict(quant=4), dict()])
 def test_fast_cpu_kernel_is_chosen_at_load(kw):
-    from glm.quant import QuantLinear
+    from glm.quant import QuantLinear, sqnr
 
     path = FIXTURES / ("glm-tiny" if kw else "glm-tiny-int4")
     m = glm.load(path, cpu_kernel="fast", **kw)
@@ -115,8 +115,8 @@ def test_fast_cpu_kernel_is_chosen_at_load(kw):
     exact = glm.load(path, **kw)
     assert {mod.cpu_kernel for mod in exact.model.modules() if isinstance(mod, QuantLinear)} == {"exact"}
     ids = [801, 456, 1001, 1004]
-    a, b = m.logits(ids), exact.logits(ids)
-    assert (a - b).abs().max() < 0.05 * b.abs().max()  # int8 activations: close, not equal
+    # int8 activations are not exact (about 44 dB here): held to the 35 dB the kernel's own test asks of them.
+    assert sqnr(exact.logits(ids), m.logits(ids)) > 35
 
 
 @pytest.mark.parametrize("bits", [8, 4])

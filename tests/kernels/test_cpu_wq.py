@@ -105,7 +105,9 @@ def test_fast_mode_quantizes_activations_per_block_of_32(ops):
     x[0, 5] = 1000.0
     exact = cpu_wq_linear(x, w, s, b, 4, None, 64, False, ops=ops)
     fast = cpu_wq_linear(x, w, s, b, 4, None, 64, True, ops=ops)
-    assert torch.allclose(fast, cpu_wq_linear_reference(x, w, s, b, 4, None, 64, True), rtol=1e-5, atol=1e-2)
+    ref = cpu_wq_linear_reference(x, w, s, b, 4, None, 64, True)
+    # As `_check`: fp32 summation order only, relative to the largest output (about 1e4 here).
+    assert (fast - ref).abs().max() <= TOL[torch.float32] * 2 * ref.abs().max()
     d = x.abs().max() / 127  # one scale for the whole row instead: every other value rounds to about 0
     per_row = cpu_wq_linear(torch.round(x / d) * d, w, s, b, 4, None, 64, False, ops=ops)
     # 31 values lose their precision instead of 1023: about sqrt(1023 / 31) = 5.7 times less noise.
