@@ -12,3 +12,56 @@ def golden(name: str):
 
     folder = FIXTURES / name
     return json.loads((folder / "golden.json").read_text()), load_file(str(folder / "golden.safetensors"))
+
+
+class ServerProcess:
+    """`python -m <module> --model <tiny> --port <free>` in its own process group on 127.0.0.1, its output in `log`;
+    `wait` polls `health` until it answers 200, `stop` always kills the whole group."""
+
+    def __init__(self, module: str, *args: str, log: Path, health: str = "", url_suffix: str = ""):
+        import os
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}{url_suffix}"
+        self.name, self.health, self.log = module.rpartition(".")[2], health, log
+        root = FIXTURES.parent.parent
+        env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        with open(log, "wb") as f:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", module, "--model", str(FIXTURES / "chatglm-tiny"), "--port", str(self.port),
+                 *args], cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+
+    def wait(self, timeout: float = 90):
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"glm-{self.name} exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                with urllib.request.urlopen(self.url + self.health, timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"glm-{self.name} did not answer on {self.url} in {timeout} s:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        import os
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from glm_testutil import ServerProcess
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -32,43 +31,11 @@ QUERIES = ["你好", "晚上睡不着应该怎么办", "Tell me more, please.", 
            "什么是机器学习", "How are you?"]
 
 
-class Server:
-    """`python -m glm.serve` in its own process group on a free port of 127.0.0.1; `stop` always kills it."""
+class Server(ServerProcess):
+    """glm-serve as a real process (see ServerProcess), with the official client and its metrics."""
 
     def __init__(self, *args: str, log: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-        with open(log, "wb") as f:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "glm.serve", "--model", str(TINY), "--port", str(self.port), *args],
-                cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True)
-
-    def wait(self, timeout: float = 90) -> Server:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"glm-serve exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"glm-serve did not answer in {timeout} s:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        super().__init__("glm.serve", *args, log=log, health="/health")
 
     def client(self, key: str = "none", **kw):
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120, **kw)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from glm_testutil import ServerProcess
 
 from glm import cli
 
@@ -26,43 +25,11 @@ gradio_client = pytest.importorskip("gradio_client")
 pytest.importorskip("gradio")
 
 
-class WebServer:
-    """`python -m glm.web` in its own process group on a free port of 127.0.0.1; `stop` always kills it."""
+class WebServer(ServerProcess):
+    """glm-web as a real process (see ServerProcess); its page is the health check."""
 
     def __init__(self, *args: str, log: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.log = log
-        env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-        with open(log, "wb") as f:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "glm.web", "--model", str(TINY), "--port", str(self.port), *args],
-                cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True)
-
-    def wait(self, timeout: float = 90) -> WebServer:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"glm-web exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                with urllib.request.urlopen(self.url, timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"glm-web did not answer on {self.url} in {timeout} s:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        super().__init__("glm.web", *args, log=log, url_suffix="/")
 
 
 def client(server):
