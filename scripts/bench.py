@@ -349,6 +349,27 @@ MODES = {
 }
 
 
+def setup(args, cpu_modes: str) -> tuple[torch.device, GLMConfig, torch.dtype, list[str]]:
+    """What --device, --threads, --layers, --act-dtype and --modes ask for (shared with bench_train.py): the device,
+    the model shape, the activation dtype of quantized modes, and the modes (default: fp16,int8,int4 on CUDA,
+    `cpu_modes` on a CPU). Raises ValueError with a one-line message."""
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA GPU is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = GLMConfig.from_name("chatglm-6b")
+    if args.layers:
+        cfg.num_layers = args.layers
+    modes = (args.modes or ("fp16,int8,int4" if device.type == "cuda" else cpu_modes)).split(",")
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    act = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.act_dtype]
+    return device, cfg, act or (torch.float16 if device.type == "cuda" else torch.bfloat16), modes
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -372,23 +393,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.batch = [int(b) for b in str(args.batch).split(",")]
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA GPU is available", file=sys.stderr)
+    try:
+        device, cfg, act, modes = setup(args, "fp32,bf16,int8,int4")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = GLMConfig.from_name("chatglm-6b")
-    if args.layers:
-        cfg.num_layers = args.layers
-    modes = (args.modes or ("fp16,int8,int4" if device.type == "cuda" else "fp32,bf16,int8,int4")).split(",")
-    for mode in modes:
-        if mode not in MODES:
-            print(f"error: unknown mode {mode!r}; choose from {', '.join(MODES)}", file=sys.stderr)
-            return 2
-    act = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.act_dtype]
-    act = act or (torch.float16 if device.type == "cuda" else torch.bfloat16)
     bandwidth = copy_bandwidth(device)
     if device.type == "cpu":
         bandwidth = max(bandwidth, gemv_read_bandwidth(device))

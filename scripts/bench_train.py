@@ -23,7 +23,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import MODES, build_random, current_memory, device_name, peak_memory, reset_peak, sync  # noqa: E402
+from bench import (  # noqa: E402
+    MODES,
+    build_random,
+    current_memory,
+    device_name,
+    peak_memory,
+    reset_peak,
+    setup,
+    stock_cpu_operators,
+    sync,
+)
 
 from glm.config import GLMConfig  # noqa: E402
 from glm.finetune import add_prefix, prefix_parameters, ptuning_loss  # noqa: E402
@@ -43,8 +53,12 @@ def random_rows(cfg: GLMConfig, batch: int, source: int, target: int, seed: int 
     return torch.tensor(ids), torch.tensor(labels)
 
 
-def bench_mode(cfg, device, dtype, quant, group_size, args) -> dict:
+def bench_mode(cfg, device, dtype, quant, group_size, kernel, args) -> dict:
     model = build_random(cfg, device, dtype, quant, group_size)
+    if quant and kernel in ("exact", "fast"):  # the forward's CPU kernel; the backward dequantizes either way
+        from glm.quant import set_cpu_kernel
+
+        set_cpu_kernel(model, kernel)
     if cfg.tie_word_embeddings:  # as the release loads: one table for the embedding and the head
         model.lm_head.weight = model.word_embeddings.weight
     add_prefix(model, args.pre_seq_len, args.prefix_projection, seed=0)
@@ -78,6 +92,7 @@ def bench_mode(cfg, device, dtype, quant, group_size, args) -> dict:
         "layers": cfg.num_layers,
         "dtype": str(dtype).removeprefix("torch."),
         "quant": f"int{quant}" + (f"-g{group_size}" if group_size else "") if quant else None,
+        "cpu_kernel": kernel if quant and device.type == "cpu" else None,
         "batch": args.batch,
         "source": args.source,
         "target": args.target,
@@ -112,25 +127,16 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = p.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA GPU is available", file=sys.stderr)
+    try:
+        device, cfg, act, modes = setup(args, "bf16,int8,int4")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = GLMConfig.from_name("chatglm-6b")
-    if args.layers:
-        cfg.num_layers = args.layers
-    modes = (args.modes or ("fp16,int8,int4" if device.type == "cuda" else "bf16,int8,int4")).split(",")
-    act = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.act_dtype]
-    act = act or (torch.float16 if device.type == "cuda" else torch.bfloat16)
     for mode in modes:
-        if mode not in MODES:
-            print(f"error: unknown mode {mode!r}; choose from {', '.join(MODES)}", file=sys.stderr)
-            return 2
-        dtype, quant, group = MODES[mode]
-        print(json.dumps(bench_mode(cfg, device, dtype or act, quant, group, args)), flush=True)
+        dtype, quant, group, kernel = MODES[mode]
+        with stock_cpu_operators(kernel == "stock"):
+            row = bench_mode(cfg, device, dtype or act, quant, group, kernel, args)
+        print(json.dumps(row), flush=True)
     return 0
 
 
