@@ -263,20 +263,25 @@ def _random_rows(cfg, lengths, target=8, seed=0):
     return ids, labels
 
 
-@pytest.mark.parametrize("fixture", ["glm-tiny-int8", "glm-tiny-int4"])
-def test_quantized_base_trains(fixture):
-    m = glm.load(FIXTURES / fixture)
+def _train_prefix(m, steps: int = 12) -> list[float]:
+    """A 6-token prefix trained for `steps` AdamW steps on two random rows; the loss of each step."""
     add_prefix(m, 6, seed=0)
-    params = prefix_parameters(m)
+    opt = torch.optim.AdamW(prefix_parameters(m), lr=0.1, weight_decay=0.0)
     ids, labels = _random_rows(m.config, (12, 20))
-    opt = torch.optim.AdamW(params, lr=0.1, weight_decay=0.0)
     losses = []
-    for _ in range(12):
+    for _ in range(steps):
         loss = ptuning_loss(m, ids, labels)
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("fixture", ["glm-tiny-int8", "glm-tiny-int4"])
+def test_quantized_base_trains(fixture):
+    m = glm.load(FIXTURES / fixture)
+    losses = _train_prefix(m)
     assert losses[-1] < losses[0] - 3.0, losses
     for mod in m.model.modules():
         if isinstance(mod, QuantLinear):
@@ -343,16 +348,6 @@ def test_loss_and_gradients_match_the_reference_on_gpu():
 def test_quantized_fp16_base_trains_on_gpu(fixture):
     # The Triton kernels run the forward; the backward dequantizes a slice of rows at a time.
     m = glm.load(FIXTURES / fixture, device="cuda", dtype="float16")
-    add_prefix(m, 6, seed=0)
-    params = prefix_parameters(m)
-    ids, labels = _random_rows(m.config, (12, 20))
-    opt = torch.optim.AdamW(params, lr=0.1, weight_decay=0.0)
-    losses = []
-    for _ in range(12):
-        loss = ptuning_loss(m, ids, labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = _train_prefix(m)
     assert m.model.layers[1].attention.dense.last_path == "triton"
     assert losses[-1] < losses[0] - 3.0, losses
