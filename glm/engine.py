@@ -262,8 +262,10 @@ def load(
             raise ValueError(f"group_size must be 32, 64 or 128, got {group_size!r}")
         if quant != 4:
             raise ValueError("group_size applies to quant=4 only")
-    if cpu_kernel not in ("exact", "fast"):
-        raise ValueError(f"cpu_kernel must be 'exact' or 'fast', got {cpu_kernel!r}")
+    from glm.quant.linear import CPU_KERNELS
+
+    if cpu_kernel not in CPU_KERNELS:  # before any download (set_cpu_kernel checks the same, after loading)
+        raise ValueError(f"cpu_kernel must be one of {', '.join(CPU_KERNELS)}, got {cpu_kernel!r}")
     dev = resolve_device(device)
     resolve_dtype(dtype, dev)  # reject a bad name before any download
     t0 = time.perf_counter()

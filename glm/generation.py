@@ -433,7 +433,7 @@ class Scheduler:
         self.caches = None
         self._state: dict[str, Tensor] = {}
         self._compiled = None
-        self._views: dict[tuple, list] = {}  # (lo, hi, allocation) -> cache views of that span of rows
+        self._views: dict[tuple[int, int], list[KVCache]] = {}  # (lo, hi) -> views of the caches over those rows
         self._cv = threading.Condition()
         self._worker: threading.Thread | None = None
 
@@ -552,6 +552,7 @@ class Scheduler:
             return
         S = self.max_context if self.compile else min(self.max_context, -(-need // self.GROW) * self.GROW)
         old, self.caches = self.caches, self.model.new_caches(self.max_batch, self.P + S)
+        self._views.clear()  # they view the old allocation
         if old is not None:
             for o, c in zip(old, self.caches):  # keep the running rows' keys and values
                 c.k[:, :, : o.k.shape[2]] = o.k
@@ -627,11 +628,9 @@ class Scheduler:
 
     def _span(self, lo: int, hi: int) -> list[KVCache]:
         """The caches of rows [lo, hi): views, made once per span and cache allocation."""
-        key = (lo, hi, self.caches[0].k.data_ptr(), self.caches[0].k.shape)
-        if key not in self._views:
-            self._views = {k: v for k, v in self._views.items() if k[2:] == key[2:]}  # drop stale allocations
-            self._views[key] = [c.rows(lo, hi) for c in self.caches]
-        return self._views[key]
+        if (lo, hi) not in self._views:
+            self._views[lo, hi] = [c.rows(lo, hi) for c in self.caches]
+        return self._views[lo, hi]
 
     def _decode_step(self) -> None:
         st, P = self._state, self.P

@@ -361,14 +361,12 @@ def build_model(
     pending = {}  # linear -> tensors still to read before it can be quantized
     head_added = stored_quant and quantize_lm_head and not cfg.quantize_lm_head
     if quant and not stored_quant:
-        from glm.quant import swap_linear
-
         pending = {n: {"weight", "bias"} for n in _quant_linear_names(cfg.num_layers, quantize_lm_head)}
     elif head_added:  # the official -int4/-int8 checkpoints keep a float head: quantize it like the blocks
-        from glm.quant import swap_linear
-
         quant, group_size = cfg.quantization_bit, cfg.quantization_group_size
         pending = {"lm_head": {"weight", "bias"}}
+    if pending:
+        from glm.quant import swap_linear
     seen: set[str] = set()
     bar = None
     if progress:
