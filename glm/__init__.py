@@ -18,9 +18,10 @@ _LAZY = {
     "GLM": ("glm.model", "GLM"),
     "Tokenizer": ("glm.tokenizer", "Tokenizer"),
     "GenerationConfig": ("glm.generation", "GenerationConfig"),
-    "GenerationError": ("glm.generation", "GenerationError"),
-    "CheckpointError": ("glm.loader", "CheckpointError"),
-    "ConfigError": ("glm.config", "ConfigError"),
+    "GenerationError": ("glm.errors", "GenerationError"),
+    "QueueFull": ("glm.errors", "QueueFull"),
+    "CheckpointError": ("glm.errors", "CheckpointError"),
+    "ConfigError": ("glm.errors", "ConfigError"),
     "build_prompt": ("glm.chat", "build_prompt"),
     "process_response": ("glm.chat", "process_response"),
 }

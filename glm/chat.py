@@ -9,20 +9,20 @@ import re
 import warnings
 from collections.abc import Iterator
 
-from glm.generation import GenerationConfig, GenerationError, Request
+from glm.errors import GenerationError
+from glm.generation import GenerationConfig, Request
 from glm.tokenizer import StreamDecoder
 
 History = list[tuple[str, str]]
 
-# The official defaults of chat/stream_chat; top_k 50 is transformers' default, which the official code never sets.
-CHAT_DEFAULTS = GenerationConfig(max_length=2048, do_sample=True, top_p=0.7, temperature=0.95, top_k=50)
 MAX_RESERVE = 256
 NAN_WARNING = ("the model produced NaN/inf logits; the official fallback picked token 5. "
                "This usually means float16 overflow: try dtype='bfloat16' or 'float32'.")
 
 
 def build_prompt(query: str, history: History | None = None) -> str:
-    """The official template: the bare query with no history, else numbered rounds of 问/答."""
+    """The official template: the bare query with no history, else numbered rounds of 问/答 (the trainer's
+    `ptuning/main.py` builds its prompts with the same template)."""
     if not history:
         return query
     rounds = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
@@ -139,27 +139,20 @@ def stream_reply(engine, query: str, history: History | None, config: Generation
         yield reply
 
 
-def stream_chat(engine, query: str, history: History | None = None, max_length: int = 2048,
-                do_sample: bool = True, top_p: float = 0.7, temperature: float = 0.95, top_k: int = 50,
-                repetition_penalty: float = 1.0, seed: int | None = None,
+def stream_chat(engine, query: str, history: History | None, config: GenerationConfig,
                 final: bool = False) -> Iterator[tuple[str, History]]:
     """Yield `(reply so far, history + [(query, reply so far)])` after every generated token, as the official
     stream_chat (with `final=True`, ours, the last value is exactly `chat`'s reply)."""
     history = check_history(history)
-    config = GenerationConfig(max_length=max_length, do_sample=do_sample, top_p=top_p, temperature=temperature,
-                              top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
     for reply in stream_reply(engine, query, history, config, final=final):
         yield reply, history + [(query, reply)]
 
 
-def chat(engine, query: str, history: History | None = None, max_length: int = 2048, do_sample: bool = True,
-         top_p: float = 0.7, temperature: float = 0.95, top_k: int = 50, repetition_penalty: float = 1.0,
-         seed: int | None = None) -> tuple[str, History]:
+def chat(engine, query: str, history: History | None, config: GenerationConfig) -> tuple[str, History]:
     """One reply, as the official `chat`: `(reply, history + [(query, reply)])`."""
     history = check_history(history)
     reply = ""
-    for reply, _ in stream_chat(engine, query, history, max_length, do_sample, top_p, temperature, top_k,
-                                repetition_penalty, seed, final=True):
+    for reply, _ in stream_chat(engine, query, history, config, final=True):
         pass
     return reply, history + [(query, reply)]
 

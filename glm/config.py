@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from glm.errors import ConfigError
+
 # Largest value each size may take: far above any GLM v1 checkpoint, and small enough that building the model on
 # the meta device stays instant, so that an absurd config.json is refused before anything is allocated.
 LIMITS = {
@@ -26,12 +28,6 @@ BOOLS = ("position_encoding_2d", "tie_word_embeddings", "use_cache", "quantizati
 MAX_CONFIG_BYTES = 1 << 20  # the release's config.json is under 1 KB
 FIX = "fix config.json or re-download the checkpoint"
 GLM2 = "this checkpoint is ChatGLM2/3 (GLM v2), not ChatGLM-6B v1: it is not supported"
-
-
-def one_line(msg: str) -> str:
-    """`msg` with line breaks and other unprintable characters escaped: error messages stay one printable line."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
-                   for c in str(msg))
 
 
 def _show(v: Any, limit: int = 40) -> str:
@@ -66,12 +62,6 @@ def read_json(path: Path, max_bytes: int, error: type[Exception], fix: str) -> A
     except ValueError as e:  # JSONDecodeError, or an integer literal with thousands of digits
         raise error(f"{path} is not valid JSON ({e}): {fix}") from None
 
-
-class ConfigError(ValueError):
-    """A config.json that does not describe a ChatGLM-6B (GLM v1) model."""
-
-    def __init__(self, msg: str):
-        super().__init__(one_line(msg))
 
 @dataclass
 class GLMConfig:

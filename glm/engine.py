@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 
 from glm import chat as _chat
-from glm.generation import Batch, GenerationConfig, GenerationError, Request, Scheduler, check_ids
+from glm.errors import GenerationError
+from glm.generation import CHAT_DEFAULTS, Batch, GenerationConfig, Request, Scheduler, check_ids
 from glm.loader import DEFAULT_MODEL, build_model, resolve, save_checkpoint
 from glm.model import GLM
-from glm.tokenizer import Tokenizer
+from glm.tokenizer import StopMatcher, Tokenizer
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -76,15 +77,6 @@ def _as_prompts(input_ids) -> tuple[list, bool]:
     return [input_ids], False
 
 
-def _config(max_new_tokens, settings: dict) -> GenerationConfig:
-    """A GenerationConfig from keyword settings; an unknown keyword is a GenerationError naming it."""
-    names = GenerationConfig.__dataclass_fields__
-    unknown = sorted(set(settings) - set(names))
-    if unknown:
-        raise GenerationError(f"unknown generation setting(s) {', '.join(unknown)}: use {', '.join(names)}")
-    return GenerationConfig(max_new_tokens=max_new_tokens, **settings)
-
-
 def _n_params(folder: Path) -> int:
     """Parameter count implied by a checkpoint's config.json (0 if it cannot be read)."""
     from glm.config import ConfigError, GLMConfig
@@ -101,14 +93,16 @@ class ChatGLM:
     """A loaded model with its tokenizer and its scheduler (the KV cache rows). Create it with `glm.load`."""
 
     def __init__(self, model: GLM, tokenizer: Tokenizer | None, path: Path | None = None, load_seconds: float = 0.0,
-                 compile: bool = False, max_batch: int = 1, max_context: int | None = None):
+                 compile: bool = False, max_batch: int = 1, max_context: int | None = None,
+                 max_waiting: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
         self.load_seconds = load_seconds
-        # Every generation of this model, from every caller and thread, shares these cache rows.
+        # Every generation of this model, from every caller and thread, shares these cache rows; `submit` is the
+        # only way in.
         self.scheduler = Scheduler(model, max_batch=max_batch, max_context=max_context, compile=compile,
-                                   tokenizer=tokenizer)
+                                   max_waiting=max_waiting)
 
     @property
     def config(self):
@@ -149,14 +143,22 @@ class ChatGLM:
         batch = Batch.from_prompts([ids], self.config, self.device)
         return self.model(batch.ids, batch.position_ids, batch.mask(prefix=self.config.pre_seq_len or 0))[0]
 
-    def submit(self, input_ids, config: GenerationConfig, logits_hook=None) -> Request:
-        """Queue one prompt; iterate the returned Request for its new ids, `.result` once it has ended."""
-        return self.scheduler.submit(input_ids, config, logits_hook)
+    def submit(self, input_ids, config: GenerationConfig, *, logits_hook=None, sink=None) -> Request:
+        """Queue one prompt: the one way into generation, for every caller. Iterate the returned Request for its
+        new ids (or pass `sink`, called with each event from the scheduler's thread); `.result` once it has ended.
+
+        Raises GenerationError for a bad prompt or setting, and QueueFull when `max_waiting` requests wait.
+        """
+        stop_match = None
+        if isinstance(config, GenerationConfig) and config.stop and self.tokenizer is not None:
+            stop_match = StopMatcher(self.tokenizer, config.stop)
+        return self.scheduler.submit(input_ids, config, logits_hook=logits_hook, sink=sink, stop_match=stop_match)
 
     def generate_stream(self, input_ids, max_new_tokens: int | None = None, *, logits_hook=None,
                         **settings) -> Iterator[int]:
         """Yield the new ids of one prompt as they come. Settings: those of `GenerationConfig`."""
-        req = self.submit(input_ids, _config(max_new_tokens, settings), logits_hook)
+        req = self.submit(input_ids, GenerationConfig.from_settings(max_new_tokens=max_new_tokens, **settings),
+                          logits_hook=logits_hook)
         try:
             yield from req
         finally:
@@ -170,11 +172,11 @@ class ChatGLM:
         `GenerationConfig` (max_length, do_sample, temperature, top_p, top_k, repetition_penalty, seed, stop).
         """
         prompts, batched = _as_prompts(input_ids)
-        config = _config(max_new_tokens, settings)
+        config = GenerationConfig.from_settings(max_new_tokens=max_new_tokens, **settings)
         reqs: list[Request] = []
         try:
             for p in prompts:
-                reqs.append(self.submit(p, config, logits_hook))
+                reqs.append(self.submit(p, config, logits_hook=logits_hook))
             rows = [list(r) for r in reqs]
         finally:
             for r in reqs:
@@ -182,36 +184,20 @@ class ChatGLM:
         _warn_nan(reqs)
         return rows if batched else rows[0]
 
-    def chat(self, query: str, history=None, max_length: int = 2048, do_sample: bool = True, top_p: float = 0.7,
-             temperature: float = 0.95, **sampling):
-        """The official `chat`: returns `(reply, history)`. Defaults are the official ones (top_k 50 included)."""
-        _check_chat_settings(sampling)
-        return _chat.chat(self, query, history, max_length=max_length, do_sample=do_sample, top_p=top_p,
-                          temperature=temperature, **sampling)
+    def chat(self, query: str, history=None, **settings):
+        """The official `chat`: returns `(reply, history)`. Settings: those of `GenerationConfig`; the defaults
+        are the official ones (`glm.generation.CHAT_DEFAULTS`: max_length 2048, do_sample, top_p 0.7, temperature
+        0.95, top_k 50)."""
+        return _chat.chat(self, query, history, CHAT_DEFAULTS.replace(**settings))
 
-    def stream_chat(self, query: str, history=None, max_length: int = 2048, do_sample: bool = True,
-                    top_p: float = 0.7, temperature: float = 0.95, **sampling):
+    def stream_chat(self, query: str, history=None, *, final: bool = False, **settings):
         """The official `stream_chat`: yields `(reply so far, history)` after every token (with `final=True`, the
-        last value is exactly `chat`'s reply)."""
-        _check_chat_settings(sampling, ("final",))
-        return _chat.stream_chat(self, query, history, max_length=max_length, do_sample=do_sample, top_p=top_p,
-                                 temperature=temperature, **sampling)
+        last value is exactly `chat`'s reply). Settings as `chat`."""
+        return _chat.stream_chat(self, query, history, CHAT_DEFAULTS.replace(**settings), final=final)
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Save weights (safetensors), config and tokenizer so that `glm.load(folder)` restores this model."""
         return save_checkpoint(self.model, folder, tokenizer_folder=self.path)
-
-
-_CHAT_SETTINGS = ("top_k", "repetition_penalty", "seed")
-
-
-def _check_chat_settings(sampling: dict, more: tuple[str, ...] = ()) -> None:
-    """An unknown keyword of chat/stream_chat is a GenerationError naming it, as for generate (not a TypeError)."""
-    known = _CHAT_SETTINGS + more
-    unknown = sorted(set(sampling) - set(known))
-    if unknown:
-        raise GenerationError(f"unknown chat setting(s) {', '.join(unknown)}: use max_length, do_sample, top_p, "
-                              f"temperature, {', '.join(known)}")
 
 
 def _warn_nan(reqs: list[Request]) -> None:
@@ -232,6 +218,7 @@ def load(
     compile: bool = False,
     max_batch: int = 1,
     max_context: int | None = None,
+    max_waiting: int | None = None,
     cpu_kernel: str = "exact",
     progress: bool = False,
 ) -> ChatGLM:
@@ -251,6 +238,7 @@ def load(
         max_batch: cache rows, i.e. requests decoded together (each row holds up to max_context tokens).
         max_context: tokens of prompt plus reply per request (default: the config's max_sequence_length, 2048);
             longer requests are refused, and generation stops there.
+        max_waiting: requests that may wait for a free row; past that `submit` raises QueueFull (None: no limit).
         cpu_kernel: quantized models on a CPU: "exact" (float activations, the parity path) or "fast" (int8
             activations per block of 32: faster, above all for batches; see docs/quantization.md).
         progress: show progress bars.
@@ -284,7 +272,7 @@ def load(
     # A bare weights folder (like the tiny test models) has no tokenizer: ids in, ids out still work.
     tokenizer = Tokenizer.from_config(tok_file, net.config) if tok_file.is_file() else None
     return ChatGLM(net, tokenizer, folder, time.perf_counter() - t0, compile=compile, max_batch=max_batch,
-                   max_context=max_context)
+                   max_context=max_context, max_waiting=max_waiting)
 
 
 __all__ = ["ChatGLM", "GenerationError", "load", "resolve_device", "resolve_dtype"]

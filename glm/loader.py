@@ -17,18 +17,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from glm.config import ConfigError, GLMConfig, one_line, read_json
+from glm.config import GLMConfig, read_json
+from glm.errors import CheckpointError, ConfigError, one_line  # noqa: F401
 from glm.model import GLM
 
 DEFAULT_MODEL = "THUDM/chatglm-6b"
 HUB_PATTERNS = ["*.json", "*.model", "*.safetensors", "*.bin", "MODEL_LICENSE"]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete, corrupt or of another shape."""
-
-    def __init__(self, msg: str):
-        super().__init__(one_line(msg))
 
 
 MAX_INDEX_BYTES = 64 << 20  # ChatGLM-6B's shard index is 20 KB

@@ -196,7 +196,7 @@ def summary(m, name: str) -> str:
             f"loaded in {m.load_seconds:.1f} s")
 
 
-def load_from_args(args: argparse.Namespace, log=None, max_batch: int = 1):
+def load_from_args(args: argparse.Namespace, log=None, max_batch: int = 1, max_waiting: int | None = None):
     """`glm.load` with the parsed model options; prints the summary line to `log` (stderr).
 
     Every expected failure (unknown model, offline without a cached copy, no CUDA, bad checkpoint, out of
@@ -214,8 +214,8 @@ def load_from_args(args: argparse.Namespace, log=None, max_batch: int = 1):
         m = glm.load(args.model, revision=args.revision, device=args.device, dtype=args.dtype, quant=args.quant,
                      group_size=args.group_size, quantize_lm_head=args.quant_lm_head,
                      ptuning=getattr(args, "ptuning", None), compile=args.compile, max_batch=max_batch,
-                     max_context=args.max_context, cpu_kernel=getattr(args, "cpu_kernel", "exact"),
-                     progress=isatty(log))
+                     max_context=args.max_context, max_waiting=max_waiting,
+                     cpu_kernel=getattr(args, "cpu_kernel", "exact"), progress=isatty(log))
     except (glm.CheckpointError, glm.ConfigError, glm.GenerationError, ValueError) as e:
         raise CLIError(str(e)) from None
     except ImportError as e:  # e.g. --quant before glm.quant is available, or a missing optional package
@@ -291,4 +291,4 @@ def prepare_server(args: argparse.Namespace, packages: tuple[str, ...], install:
     why = bind_error(args.host, args.port)
     if why:
         raise CLIError(why)
-    return load_from_args(args, max_batch=args.max_batch)
+    return load_from_args(args, max_batch=args.max_batch, max_waiting=getattr(args, "max_waiting", None))

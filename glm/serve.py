@@ -113,7 +113,8 @@ def create_app(m, name: str, api_key: str | None = None, delay_ms: int = 0):
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     from glm.chat import SettledText, build_prompt, process_response
-    from glm.generation import GenerationConfig, GenerationError, QueueFull
+    from glm.errors import GenerationError, QueueFull
+    from glm.generation import GenerationConfig
     from glm.tokenizer import StreamDecoder
 
     app = FastAPI(title="glm-serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -241,7 +242,7 @@ def create_app(m, name: str, api_key: str | None = None, delay_ms: int = 0):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         try:
-            req = sched.submit(ids, config, sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+            req = m.submit(ids, config, sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         except QueueFull as e:
             raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
         except GenerationError as e:
@@ -383,7 +384,6 @@ def main(argv: list[str] | None = None, prog: str = "glm-serve") -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    m.scheduler.max_waiting = args.max_waiting
     name = args.model_name or model_name(args.model)
     app = create_app(m, name, api_key=args.api_key, delay_ms=args.delay_ms)
     import uvicorn

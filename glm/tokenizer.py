@@ -6,6 +6,8 @@ import os
 import re
 from pathlib import Path
 
+from glm.errors import CheckpointError  # a damaged ice_text.model is a damaged checkpoint
+
 MAX_BLANK = 80
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -51,8 +53,6 @@ class Tokenizer:
                  pad_id: int, vocab_size: int | None = None):
         import sentencepiece as spm
 
-        from glm.loader import CheckpointError  # a damaged ice_text.model is a damaged checkpoint
-
         path = Path(model_file)
         fix = "re-download ice_text.model from the checkpoint"
         if not path.is_file():
@@ -95,9 +95,6 @@ class Tokenizer:
         if not ids:
             return ""
         return _postprocess(self.sp.DecodeIds(ids))
-
-    def id_to_piece(self, i: int) -> str:
-        return self.sp.IdToPiece(int(i))
 
     @property
     def vocab_size(self) -> int:
@@ -169,3 +166,22 @@ class StreamDecoder:
         """The held-back rest, once no id follows."""
         delta, self.text, self.tail, self._held = self.tail, self.text + self.tail, "", ""
         return delta
+
+
+class StopMatcher:
+    """Given each new id of a request, the first of its stop strings that the decoded text now holds, else None.
+
+    Built by `ChatGLM.submit` and handed to the request, so that the scheduler never needs the tokenizer.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]):
+        self.dec = StreamDecoder(tokenizer)
+        self.stop = tuple(stop)
+        self.longest = max(len(s) for s in self.stop)
+        self.text = ""
+
+    def __call__(self, token_id: int) -> str | None:
+        delta = self.dec.put(token_id)
+        self.text += delta
+        tail = self.text[-(self.longest + len(delta)):]  # only a match that the new text completes
+        return next((s for s in self.stop if s in tail), None)

@@ -76,7 +76,7 @@ def answers(m) -> None:
 
 
 def cache_slots(m) -> int:
-    return m.scheduler.caches[0].k.shape[2]
+    return m.scheduler.runner.caches[0].k.shape[2]
 
 
 # ---------------------------------------------------------------------------------------------------- memory
@@ -276,10 +276,10 @@ def test_bad_query_is_one_line(chat64, query):
 
 def test_chat_unknown_keyword_is_a_generation_error(chat64):
     for call in (chat64.chat, chat64.stream_chat):
-        with pytest.raises(GenerationError, match=r"unknown chat setting\(s\) max_new_tokens, temprature") as e:
-            call("你好", temprature=0.5, max_new_tokens=3)
+        with pytest.raises(GenerationError, match=r"unknown generation setting\(s\) temprature, tokens") as e:
+            call("你好", temprature=0.5, tokens=3)
         one_line(e.value)
-    assert chat64.chat("你好", top_k=5, seed=3, repetition_penalty=1.1)[0]  # the three extra settings are known
+    assert chat64.chat("你好", top_k=5, seed=3, repetition_penalty=1.1, max_new_tokens=3)[0]  # every setting is known
 
 
 def test_chat_past_the_context_limit_names_it(chat64):

@@ -46,15 +46,21 @@ def test_process_response(case):
     assert process_response(case["raw"]) == case["processed"]
 
 
-def test_chat_defaults_are_official():
-    import inspect
+def test_chat_defaults_are_official(chatglm_tiny):
+    from glm.generation import CHAT_DEFAULTS
 
-    sig = inspect.signature(glm.ChatGLM.chat)
-    assert sig.parameters["max_length"].default == 2048
-    assert sig.parameters["do_sample"].default is True
-    assert sig.parameters["top_p"].default == 0.7
-    assert sig.parameters["temperature"].default == 0.95
-    assert inspect.signature(glm.chat.chat).parameters["top_k"].default == 50
+    c = CHAT_DEFAULTS
+    assert (c.max_length, c.do_sample, c.top_p, c.temperature, c.top_k, c.repetition_penalty) == \
+        (2048, True, 0.7, 0.95, 50, 1.0)
+    seen = []
+    chatglm_tiny.submit = lambda ids, config, **kw: seen.append(config) or glm.ChatGLM.submit(chatglm_tiny, ids,
+                                                                                               config, **kw)
+    try:
+        chatglm_tiny.chat("你好", max_length=30, seed=1)
+        list(chatglm_tiny.stream_chat("你好", max_length=30, seed=1))
+    finally:
+        del chatglm_tiny.submit
+    assert seen == [c.replace(max_length=30, seed=1)] * 2  # chat and stream_chat start from the constant
 
 
 def test_sampled_chat_is_reproducible_with_a_seed(chatglm_tiny):

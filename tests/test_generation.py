@@ -5,9 +5,9 @@ import torch
 from glm_testutil import FIXTURES, golden
 
 import glm
-from glm.generation import (
+from glm.errors import GenerationError
+from glm.generation.sampling import (
     GenerationConfig,
-    GenerationError,
     apply_repetition_penalty,
     draw,
     next_token_probs,
@@ -194,7 +194,7 @@ def test_context_limit_caps_and_refuses_before_allocating():
     ids = GREEDY[0]["input_ids"]
     out = m.generate(ids, 5_000_000, stop_at_eos=False)
     assert len(ids) + len(out) == 64
-    assert m.scheduler.caches[0].k.shape[2] <= 256  # not 5M slots
+    assert m.scheduler.runner.caches[0].k.shape[2] <= 256  # not 5M slots
     with pytest.raises(GenerationError, match="context limit"):
         m.generate([5] * 70 + ids, 3)
 

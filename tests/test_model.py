@@ -108,7 +108,7 @@ def test_rotary_rotates_each_half_by_its_own_position():
 
 
 def test_invalid_scores_rule():
-    from glm.generation import fix_invalid_scores
+    from glm.generation.sampling import fix_invalid_scores
 
     s = torch.tensor([[1.0, float("nan"), 2.0, 0, 0, 0, 0]])
     fixed, bad = fix_invalid_scores(s)
@@ -138,9 +138,9 @@ def test_ptuning_prefix():
 def test_caches_are_reused_across_calls(tiny):
     case = GREEDY[0]
     tiny.generate(case["input_ids"], 24, stop_at_eos=False)
-    first = tiny.scheduler.caches
+    first = tiny.scheduler.runner.caches
     assert tiny.generate(GREEDY[1]["input_ids"], 8, stop_at_eos=False) == GREEDY[1]["greedy_ids"][:8]
-    assert tiny.scheduler.caches is first  # no new allocation for a turn that fits
+    assert tiny.scheduler.runner.caches is first  # no new allocation for a turn that fits
 
 
 def test_interleaved_generations_do_not_share_caches(tiny):

@@ -1,0 +1,305 @@
+"""`GenerationConfig`, the one validator of every sampling and length setting, and the batched per-row sampler.
+
+Every entry point (the Python API, glm-chat's options, glm-web's sliders, glm-serve's JSON fields) builds a
+`GenerationConfig` and reports its error: the ranges live here only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from glm.errors import GenerationError
+
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy: dividing scores by them overflows float32 (as vLLM)
+MAX_SEED = 2**64
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    # An int is always finite (and math.isfinite cannot take one past float's range, 10**400).
+    return _is_int(v) or isinstance(v, float) and math.isfinite(v)
+
+
+@dataclass
+class GenerationConfig:
+    """Everything that decides one request's output: the one settings object of every entry point.
+
+    The length is `max_new_tokens`, or `max_length` (prompt + reply, the official chat's meaning), or the smaller
+    of both; either way no request runs past the scheduler's context limit (it ends there with reason "length").
+    Sampling follows the official order: invalid-score rule, repetition penalty, temperature, top-k, top-p.
+    """
+
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50  # transformers' default, which the official chat never overrides
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_at_eos: bool = True
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "max_length"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v < 1):
+                raise GenerationError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.do_sample, bool):
+            raise GenerationError(f"do_sample must be True or False, got {self.do_sample!r}")
+        if not isinstance(self.stop_at_eos, bool):
+            raise GenerationError(f"stop_at_eos must be True or False, got {self.stop_at_eos!r}")
+        if not _is_real(self.temperature) or self.temperature < 0:
+            raise GenerationError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature!r}")
+        if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise GenerationError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise GenerationError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
+        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise GenerationError(f"repetition_penalty must be a number > 0 (1 is no penalty), got "
+                                  f"{self.repetition_penalty!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < MAX_SEED):
+            raise GenerationError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise GenerationError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        self.stop = tuple(self.stop)
+
+    @classmethod
+    def from_settings(cls, **settings) -> GenerationConfig:
+        """A config from keyword settings; an unknown keyword is a GenerationError naming it (not a TypeError)."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(settings) - set(names))
+        if unknown:
+            raise GenerationError(f"unknown generation setting(s) {', '.join(unknown)}: use {', '.join(names)}")
+        return cls(**settings)
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature < GREEDY_BELOW
+
+    def replace(self, **changes) -> GenerationConfig:
+        return GenerationConfig.from_settings(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
+
+    def budget(self, prompt_len: int) -> int | float:
+        """New tokens this config allows after a prompt of `prompt_len` tokens (before the context limit)."""
+        if self.max_new_tokens is None and self.max_length is None:
+            raise GenerationError("give max_new_tokens or max_length")
+        n = self.max_new_tokens if self.max_new_tokens is not None else math.inf
+        if self.max_length is not None:
+            if prompt_len >= self.max_length:
+                raise GenerationError(
+                    f"the prompt is {prompt_len} tokens, which leaves no room under max_length={self.max_length}: "
+                    "shorten the prompt (or the history) or raise max_length"
+                )
+            n = min(n, self.max_length - prompt_len)
+        return n
+
+
+# The official chat/stream_chat defaults (top_k 50 is transformers' default, which the official code never sets):
+# the one place every entry point takes them from.
+CHAT_DEFAULTS = GenerationConfig(max_length=2048, do_sample=True, top_p=0.7, temperature=0.95, top_k=50)
+
+
+# ---------------------------------------------------------------------------------------------------- the pipeline
+
+
+def fix_invalid_scores(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """The official rule, per row: if any score is NaN or inf, zero them all and put 5e4 on id 5.
+
+    Branch-free (no host sync). Returns the scores and a (B,) bool tensor saying where the rule fired.
+    """
+    # NaN and inf survive a sum, and finite logits never overflow one: a single cheap pass over the vocabulary.
+    bad = ~torch.isfinite(scores.sum(-1))
+    fallback = torch.zeros_like(scores)
+    fallback[..., 5] = 5e4
+    return torch.where(bad[:, None], fallback, scores), bad
+
+
+def apply_repetition_penalty(scores: Tensor, prev_ids: Tensor, penalty: Tensor) -> Tensor:
+    """Divide the positive scores of already-seen ids by the row's penalty, multiply the negative ones (CTRL).
+
+    prev_ids (B, N): ids seen by each row; padding must repeat an id of the same row (the penalty is idempotent).
+    penalty (B,) float32; rows with 1.0 are unchanged.
+    """
+    if prev_ids.numel() == 0:
+        return scores
+    p = penalty[:, None]
+    s = scores.gather(1, prev_ids)
+    s = torch.where(s < 0, s * p, s / p)
+    return scores.scatter(1, prev_ids, s)
+
+
+def _top_p_drop(sorted_asc: Tensor, one_minus_top_p: Tensor) -> Tensor:
+    """Entries to drop, given scores sorted ascending: the low tail whose mass stays <= 1 - top_p."""
+    cum = sorted_asc.softmax(dim=-1).cumsum(dim=-1)
+    drop = cum <= one_minus_top_p[:, None]
+    drop[..., -1:] = False  # always keep at least one
+    return drop
+
+
+def next_token_probs(scores: Tensor, temperature: Tensor, top_k: Tensor, one_minus_top_p: Tensor,
+                     k_max: int) -> tuple[Tensor, Tensor | None]:
+    """The distribution each row's token is drawn from: temperature, then top-k, then top-p, then softmax.
+
+    Mirrors transformers' warpers, ties included (top-k keeps every score equal to the k-th largest). When every
+    row's top-k is on and has no ties at its boundary, only the `k_max` best candidates are sorted, not the whole
+    vocabulary.
+
+    Args:
+        scores: (B, V) float32, after the invalid-score rule and repetition penalty.
+        temperature: (B,) float32; top_k: (B,) long, 0 for off; one_minus_top_p: (B,) float32, 0 for off.
+        k_max: the largest top_k of the rows (0 if any row has it off).
+    Returns:
+        (probs, index): probs (B, n) over candidates `index` (B, n), or (B, V) probs and index None.
+    """
+    scores = scores / temperature[:, None]
+    V = scores.shape[-1]
+    if 0 < k_max < V:
+        vals, idx = scores.topk(k_max, dim=-1)  # (B, k_max), descending
+        kth = vals.gather(1, top_k[:, None] - 1)  # (B, 1)
+        if bool(((scores >= kth).sum(-1) == top_k).all()):  # no ties at the boundary: k candidates exactly
+            vals = vals.masked_fill(torch.arange(k_max, device=vals.device) >= top_k[:, None], float("-inf"))
+            vals, idx = vals.flip(-1), idx.flip(-1)  # ascending, as the reference sorts
+            vals = vals.masked_fill(_top_p_drop(vals, one_minus_top_p), float("-inf"))
+            return vals.softmax(dim=-1), idx
+    sorted_asc, order = scores.sort(dim=-1)
+    # The k-th largest score of each row (top-k off: the smallest); every score tied with it stays.
+    kth = sorted_asc.gather(1, (V - top_k.clamp(1, V)).where(top_k > 0, torch.zeros_like(top_k))[:, None])
+    sorted_asc = sorted_asc.masked_fill(sorted_asc < kth, float("-inf"))
+    sorted_asc = sorted_asc.masked_fill(_top_p_drop(sorted_asc, one_minus_top_p), float("-inf"))
+    return torch.empty_like(scores).scatter_(1, order, sorted_asc).softmax(dim=-1), None
+
+
+def _splitmix64(x: Tensor) -> Tensor:
+    """The splitmix64 finaliser on int64 tensors (wrapping arithmetic; shifts made logical by masking)."""
+
+    def shr(v, s):
+        return (v >> s) & ((1 << (64 - s)) - 1)
+
+    x = x + (0x9E3779B97F4A7C15 - (1 << 64))
+    x = (x ^ shr(x, 30)) * (0xBF58476D1CE4E5B9 - (1 << 64))
+    x = (x ^ shr(x, 27)) * (0x94D049BB133111EB - (1 << 64))
+    return x ^ shr(x, 31)
+
+
+def seeded_uniform(seed: Tensor, counter: Tensor) -> Tensor:
+    """A uniform draw in [0, 1) per row, a pure function of (seed, counter): each seeded request has a stream of
+    its own, whatever else is in the batch. seed, counter: (B,) int64 -> (B,) float32."""
+    x = _splitmix64(_splitmix64(seed) ^ counter)
+    return ((x >> 40) & ((1 << 24) - 1)).float() * (1.0 / (1 << 24))
+
+
+def draw(probs: Tensor, index: Tensor | None, u: Tensor) -> Tensor:
+    """Inverse-CDF sampling: one id per row from probs (B, n) with uniforms u (B,)."""
+    cdf = probs.cumsum(-1)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=probs.shape[-1] - 1)
+    return (index.gather(1, pick) if index is not None else pick)[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------------- per row
+
+
+class Sampler:
+    """The sampling settings of a pool of `max_batch` rows, as tensors written once per request, and the one
+    batched pass that picks every row's next token.
+
+    Args:
+        max_batch: rows; vocab_size: the model's vocabulary; device: where the tensors live.
+    """
+
+    def __init__(self, max_batch: int, vocab_size: int, device: torch.device):
+        B, dev = max_batch, device
+        self.vocab_size = vocab_size
+        self.configs: list[GenerationConfig | None] = [None] * B
+        self.temperature = torch.ones(B, device=dev)
+        self.top_k = torch.zeros(B, dtype=torch.long, device=dev)
+        self.one_minus_top_p = torch.zeros(B, device=dev)
+        self.penalty = torch.ones(B, device=dev)
+        self.greedy = torch.ones(B, dtype=torch.bool, device=dev)
+        self.seed = torch.zeros(B, dtype=torch.long, device=dev)
+        self.seeded = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.draws = torch.zeros(B, dtype=torch.long, device=dev)
+        # Prompt + new ids of the rows with a repetition penalty (the only reader); grown with the caches.
+        self.seen = torch.zeros(B, 0, dtype=torch.long, device=dev)
+        self.n_seen = [0] * B
+
+    def reserve(self, slots: int) -> None:
+        """Room for `slots` ids per row in `seen`; grows, never shrinks."""
+        if self.seen.shape[1] < slots:
+            old = self.seen.shape[1]
+            seen = self.seen.new_zeros(self.seen.shape[0], slots)
+            seen[:, :old] = self.seen
+            if old:  # the new slots repeat an id of the row, as the padding of set_row
+                seen[:, old:] = self.seen[:, :1]
+            self.seen = seen
+
+    def set_row(self, i: int, config: GenerationConfig, prompt: list[int]) -> None:
+        """Row i's settings, read by every step until the row is set again."""
+        c = config
+        self.configs[i] = c
+        # Valid settings past float32 / int64 (temperature 1e300, top_k 10**30) are clamped, not an overflow error:
+        # float32's largest value already flattens (or sharpens) the scores as far as they go; top_k >= V is all.
+        self.temperature[i] = float(min(c.temperature, FLOAT32_MAX)) if not c.greedy else 1.0
+        self.top_k[i] = min(c.top_k, self.vocab_size)
+        self.one_minus_top_p[i] = 1 - c.top_p  # in float64 first, then float32: as the reference's scalar
+        self.penalty[i] = float(min(c.repetition_penalty, FLOAT32_MAX))
+        self.greedy[i] = c.greedy
+        self.seeded[i] = c.seed is not None
+        s = c.seed or 0
+        self.seed[i] = s - (1 << 64) if s >= 1 << 63 else s  # the same 64 bits as an int64
+        self.draws[i] = 0
+        if c.repetition_penalty != 1.0:
+            self.seen[i].fill_(prompt[0])  # padding repeats an id of the row: the penalty is idempotent
+            self.seen[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+            self.n_seen[i] = len(prompt)
+
+    def sample(self, rows: list[int], logits: Tensor) -> tuple[list[int], list[bool]]:
+        """The next token of each of `rows` from their logits (n, V), in one batched pass.
+
+        Returns the tokens and, per row, whether the invalid-score rule fired.
+        """
+        configs = [self.configs[i] for i in rows]
+        idx = torch.tensor(rows, device=logits.device) if len(rows) < len(self.configs) else None
+        g = (lambda t: t[idx]) if idx is not None else (lambda t: t)  # noqa: E731
+        scores, bad = fix_invalid_scores(logits)
+        penalised = [j for j, c in enumerate(configs) if c.repetition_penalty != 1.0]
+        if penalised:
+            n = max(self.n_seen[rows[j]] for j in penalised)
+            scores = apply_repetition_penalty(scores, g(self.seen)[:, :n], g(self.penalty))
+        nxt = scores.argmax(dim=-1)
+        sampled = [c for c in configs if not c.greedy]
+        if sampled:
+            V = self.vocab_size
+            k_max = 0 if any(c.top_k == 0 for c in sampled) else max(min(c.top_k, V) for c in sampled)
+            greedy = g(self.greedy)
+            top_k = torch.where(greedy, k_max, g(self.top_k))  # greedy rows: any valid k, their draw is unused
+            probs, index = next_token_probs(scores, g(self.temperature), top_k, g(self.one_minus_top_p), k_max)
+            draws = g(self.draws)
+            u = torch.where(g(self.seeded), seeded_uniform(g(self.seed), draws),
+                            torch.rand(len(rows), device=logits.device))
+            nxt = torch.where(greedy, nxt, draw(probs, index, u))
+            if idx is None:
+                self.draws += 1
+            else:
+                self.draws[idx] += 1
+        toks = nxt.tolist()
+        for j in penalised:
+            i = rows[j]
+            if self.n_seen[i] < self.seen.shape[1]:
+                self.seen[i, self.n_seen[i]] = toks[j]
+                self.n_seen[i] += 1
+        return toks, bad.tolist()
+
+
+__all__ = ["CHAT_DEFAULTS", "GenerationConfig", "Sampler", "apply_repetition_penalty", "draw", "fix_invalid_scores",
+           "next_token_probs", "seeded_uniform"]
