@@ -1,94 +1,14 @@
+"""The scheduler: rows join and leave a running decode, cancellation, finish reasons, the context limit; each
+request's output equals the same request alone."""
+
 import threading
 
 import pytest
-import torch
 from glm_testutil import FIXTURES, golden
 
 import glm
 from glm.errors import GenerationError
-from glm.generation.sampling import (
-    GenerationConfig,
-    apply_repetition_penalty,
-    draw,
-    next_token_probs,
-    seeded_uniform,
-)
-
-G, GT = golden("sampling")
-
-
-def _probs(scores, temperature=1.0, top_k=50, top_p=1.0):
-    """Full-vocabulary probabilities of every row under one setting, through the batched sampler."""
-    B = scores.shape[0]
-    t = torch.full((B,), float(temperature))
-    k = torch.full((B,), top_k, dtype=torch.long)
-    q = torch.full((B,), 1 - top_p, dtype=torch.float32)
-    probs, idx = next_token_probs(scores, t, k, q, top_k)
-    return probs if idx is None else torch.zeros_like(scores).scatter(1, idx, probs)
-
-
-@pytest.mark.parametrize("case", G["cases"], ids=lambda c: c["logits"].split(".")[0])
-def test_sampling_distribution(case):
-    scores = GT[case["logits"]].clone()
-    penalty = torch.full((scores.shape[0],), float(case["repetition_penalty"]))
-    scores = apply_repetition_penalty(scores, GT[case["prev_ids"]].long(), penalty)
-    probs, ref = _probs(scores, case["temperature"], case["top_k"], case["top_p"]), GT[case["probs"]]
-    assert (probs > 0).sum(-1).tolist() == case["kept"]
-    assert (probs[0] - ref[0]).abs().max().item() <= 1e-6
-    # Row 1 has 40 tokens tied at the top: which of them survive top-p depends on sort order, so compare sorted.
-    assert (probs[1].sort().values - ref[1].sort().values).abs().max().item() <= 1e-6
-
-
-def test_rows_with_different_settings_match_each_row_alone():
-    case = G["cases"][0]
-    scores = GT[case["logits"]].clone()
-    t, k, q = torch.tensor([0.7, 1.3]), torch.tensor([5, 40]), torch.tensor([0.1, 0.0])
-    both, idx = next_token_probs(scores, t, k, q, 40)
-    both = torch.zeros_like(scores).scatter(1, idx, both) if idx is not None else both
-    for r in range(2):
-        alone = _probs(scores[r : r + 1], t[r].item(), int(k[r]), 1 - q[r].item())
-        assert (both[r] - alone[0]).abs().max().item() <= 1e-6
-
-
-def test_draws_land_only_on_kept_tokens():
-    case = G["cases"][0]
-    scores = GT[case["logits"]]
-    probs = _probs(scores, case["temperature"], case["top_k"], case["top_p"])
-    for i in range(200):
-        u = seeded_uniform(torch.tensor([1, 2]), torch.tensor([i, i]))
-        t = draw(probs, None, u)
-        assert probs[0, t[0]] > 0 and probs[1, t[1]] > 0
-
-
-def test_seeded_uniforms_are_uniform_and_per_seed():
-    u = seeded_uniform(torch.full((20000,), 7), torch.arange(20000))
-    # A statistical bound, not a numeric tolerance: the mean of 20000 uniforms has sd 0.002, so 0.01 is 5 sd.
-    assert 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
-    a = seeded_uniform(torch.tensor([7, 8]), torch.tensor([3, 3]))
-    assert a[0] == seeded_uniform(torch.tensor([7]), torch.tensor([3]))[0] and a[0] != a[1]
-
-
-def test_top_k_with_ties_keeps_every_tied_token():
-    scores = torch.tensor([[3.0, 3.0, 3.0, 1.0, 0.0]])
-    assert (_probs(scores, top_k=2) > 0).sum().item() == 3
-
-
-@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
-                                dict(repetition_penalty=0), dict(top_k=1.5), dict(seed="x"),
-                                dict(temperature=float("nan")), dict(repetition_penalty=float("inf")),
-                                dict(seed=2**64), dict(seed=-1), dict(max_new_tokens=0), dict(max_length=-1),
-                                dict(do_sample="yes"), dict(stop=[""]), dict(stop=[3])])
-def test_bad_settings_are_clear_errors(kw):
-    with pytest.raises(GenerationError):
-        GenerationConfig(**kw)
-
-
-def test_tiny_temperature_is_greedy():
-    assert GenerationConfig(do_sample=True, temperature=1e-40).greedy
-    assert not GenerationConfig(do_sample=True, temperature=0.5).greedy
-
-
-# ---------------------------------------------------------------------------------------------------- the pool
+from glm.generation.sampling import GenerationConfig
 
 GM, _ = golden("glm-tiny")
 GREEDY = [c for c in GM["cases"] if "greedy_ids" in c and c["kind"] != "batch"]
@@ -210,3 +130,37 @@ def test_a_request_read_to_the_end_can_be_waited_on(tiny):
     req = tiny.submit(GREEDY[0]["input_ids"], GenerationConfig(max_new_tokens=3, stop_at_eos=False))
     assert len(list(req)) == 3
     assert req.wait().completion_tokens == 3 and list(req) == []
+
+
+def test_stop_at_eos(tiny):
+    case = next(c for c in GREEDY if tiny.config.eos_token_id in c["greedy_ids"])
+    out = tiny.generate(case["input_ids"], 24)
+    assert out == case["greedy_ids"][: case["greedy_ids"].index(tiny.config.eos_token_id) + 1]
+
+
+
+
+def test_max_waiting_is_a_load_option_and_a_full_queue_is_queue_full():
+    m = glm.load(FIXTURES / "glm-tiny", max_waiting=1)
+    go = threading.Event()
+    ids = GREEDY[0]["input_ids"]
+    first = m.submit(ids, GenerationConfig(max_new_tokens=4), logits_hook=lambda _: go.wait(5))
+    try:
+        import time
+
+        while m.scheduler.running == 0:  # the first holds the only row; the second waits
+            time.sleep(0.01)
+        second = m.submit(ids, GenerationConfig(max_new_tokens=4))
+        with pytest.raises(glm.QueueFull, match="busy"):
+            m.submit(ids, GenerationConfig(max_new_tokens=4))
+    finally:
+        go.set()
+    assert list(first) == list(second)
+    with pytest.raises(GenerationError, match="max_waiting"):
+        glm.load(FIXTURES / "glm-tiny", max_waiting=-1)
+
+
+def test_stop_strings_without_a_tokenizer_are_refused():
+    m = glm.load(FIXTURES / "glm-tiny")  # a bare weights folder: no ice_text.model
+    with pytest.raises(GenerationError, match="tokenizer"):
+        m.generate(GREEDY[0]["input_ids"], 4, stop=["x"])

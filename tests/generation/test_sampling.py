@@ -1,0 +1,117 @@
+"""The sampling pipeline against transformers' warpers, GenerationConfig's checks, the per-row sampler."""
+
+
+import pytest
+import torch
+from glm_testutil import golden
+
+from glm.errors import GenerationError
+from glm.generation.sampling import (
+    GenerationConfig,
+    apply_repetition_penalty,
+    draw,
+    next_token_probs,
+    seeded_uniform,
+)
+
+G, GT = golden("sampling")
+
+
+def _probs(scores, temperature=1.0, top_k=50, top_p=1.0):
+    """Full-vocabulary probabilities of every row under one setting, through the batched sampler."""
+    B = scores.shape[0]
+    t = torch.full((B,), float(temperature))
+    k = torch.full((B,), top_k, dtype=torch.long)
+    q = torch.full((B,), 1 - top_p, dtype=torch.float32)
+    probs, idx = next_token_probs(scores, t, k, q, top_k)
+    return probs if idx is None else torch.zeros_like(scores).scatter(1, idx, probs)
+
+
+@pytest.mark.parametrize("case", G["cases"], ids=lambda c: c["logits"].split(".")[0])
+def test_sampling_distribution(case):
+    scores = GT[case["logits"]].clone()
+    penalty = torch.full((scores.shape[0],), float(case["repetition_penalty"]))
+    scores = apply_repetition_penalty(scores, GT[case["prev_ids"]].long(), penalty)
+    probs, ref = _probs(scores, case["temperature"], case["top_k"], case["top_p"]), GT[case["probs"]]
+    assert (probs > 0).sum(-1).tolist() == case["kept"]
+    assert (probs[0] - ref[0]).abs().max().item() <= 1e-6
+    # Row 1 has 40 tokens tied at the top: which of them survive top-p depends on sort order, so compare sorted.
+    assert (probs[1].sort().values - ref[1].sort().values).abs().max().item() <= 1e-6
+
+
+def test_rows_with_different_settings_match_each_row_alone():
+    case = G["cases"][0]
+    scores = GT[case["logits"]].clone()
+    t, k, q = torch.tensor([0.7, 1.3]), torch.tensor([5, 40]), torch.tensor([0.1, 0.0])
+    both, idx = next_token_probs(scores, t, k, q, 40)
+    both = torch.zeros_like(scores).scatter(1, idx, both) if idx is not None else both
+    for r in range(2):
+        alone = _probs(scores[r : r + 1], t[r].item(), int(k[r]), 1 - q[r].item())
+        assert (both[r] - alone[0]).abs().max().item() <= 1e-6
+
+
+def test_draws_land_only_on_kept_tokens():
+    case = G["cases"][0]
+    scores = GT[case["logits"]]
+    probs = _probs(scores, case["temperature"], case["top_k"], case["top_p"])
+    for i in range(200):
+        u = seeded_uniform(torch.tensor([1, 2]), torch.tensor([i, i]))
+        t = draw(probs, None, u)
+        assert probs[0, t[0]] > 0 and probs[1, t[1]] > 0
+
+
+def test_seeded_uniforms_are_uniform_and_per_seed():
+    u = seeded_uniform(torch.full((20000,), 7), torch.arange(20000))
+    # A statistical bound, not a numeric tolerance: the mean of 20000 uniforms has sd 0.002, so 0.01 is 5 sd.
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+    a = seeded_uniform(torch.tensor([7, 8]), torch.tensor([3, 3]))
+    assert a[0] == seeded_uniform(torch.tensor([7]), torch.tensor([3]))[0] and a[0] != a[1]
+
+
+def test_top_k_with_ties_keeps_every_tied_token():
+    scores = torch.tensor([[3.0, 3.0, 3.0, 1.0, 0.0]])
+    assert (_probs(scores, top_k=2) > 0).sum().item() == 3
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
+                                dict(repetition_penalty=0), dict(top_k=1.5), dict(seed="x"),
+                                dict(temperature=float("nan")), dict(repetition_penalty=float("inf")),
+                                dict(seed=2**64), dict(seed=-1), dict(max_new_tokens=0), dict(max_length=-1),
+                                dict(do_sample="yes"), dict(stop=[""]), dict(stop=[3])])
+def test_bad_settings_are_clear_errors(kw):
+    with pytest.raises(GenerationError):
+        GenerationConfig(**kw)
+
+
+def test_tiny_temperature_is_greedy():
+    assert GenerationConfig(do_sample=True, temperature=1e-40).greedy
+    assert not GenerationConfig(do_sample=True, temperature=0.5).greedy
+
+
+
+def test_invalid_scores_rule():
+    from glm.generation.sampling import fix_invalid_scores
+
+    s = torch.tensor([[1.0, float("nan"), 2.0, 0, 0, 0, 0]])
+    fixed, bad = fix_invalid_scores(s)
+    assert bool(bad) and fixed[0, 5] == 5e4 and fixed.sum() == 5e4
+    fine, bad = fix_invalid_scores(torch.ones(1, 7))
+    assert not bool(bad) and torch.equal(fine, torch.ones(1, 7))
+
+
+
+
+def test_repetition_history_grows_with_the_row_own_padding():
+    # Slots added when the history grows repeat the row's first id, so a penalty never reaches id 0 by accident.
+    from glm.generation.sampling import Sampler
+
+    s = Sampler(2, vocab_size=10, device=torch.device("cpu"))
+    s.reserve(4)
+    s.set_row(0, GenerationConfig(repetition_penalty=2.0), [7, 8])
+    s.reserve(8)
+    assert s.seen[0].tolist() == [7, 8, 7, 7, 7, 7, 7, 7] and s.n_seen[0] == 2
+    logits = torch.tensor([[1.0] * 10, [1.0] * 10])
+    logits[0, 0] = logits[0, 7] = 4.0
+    toks, bad = s.sample([0], logits[:1])
+    assert toks == [0] and bad == [False]  # 7 was halved to 2.0, id 0 was not: it wins
+    assert s.seen[0, 2].item() == 0 and s.n_seen[0] == 3
