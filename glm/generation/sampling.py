@@ -17,6 +17,7 @@ from glm.errors import GenerationError
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy: dividing scores by them overflows float32 (as vLLM)
 MAX_SEED = 2**64
 FLOAT32_MAX = 3.4028234663852886e38
+MAX_LOGIT_BIAS = 300  # ids one request may bias (OpenAI's limit)
 
 
 def _is_int(v) -> bool:
@@ -47,6 +48,12 @@ class GenerationConfig:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_at_eos: bool = True
+    # OpenAI's sampling fields (vLLM's meaning): penalties on the counts of the tokens generated so far, a bias
+    # added to the scores of given ids, and min-p (drop tokens under min_p times the likeliest one's probability).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    min_p: float = 0.0
 
     def __post_init__(self):
         for name in ("max_new_tokens", "max_length"):
@@ -68,6 +75,21 @@ class GenerationConfig:
                                   f"{self.repetition_penalty!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < MAX_SEED):
             raise GenerationError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_real(v) or not -2.0 <= v <= 2.0:
+                raise GenerationError(f"{name} must be a number in [-2, 2] (0 is none), got {v!r}")
+        if not _is_real(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise GenerationError(f"min_p must be a number in [0, 1] (0 turns it off), got {self.min_p!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise GenerationError(f"logit_bias must be a dict of at most {MAX_LOGIT_BIAS} token ids to numbers, "
+                                      f"got {self.logit_bias!r:.60}")
+            for k, v in self.logit_bias.items():
+                if not _is_int(k) or k < 0 or not _is_real(v) or not -100 <= v <= 100:
+                    raise GenerationError(f"logit_bias maps token ids (integers >= 0) to numbers in [-100, 100], "
+                                          f"got {k!r}: {v!r}")
+            self.logit_bias = dict(self.logit_bias) or None
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) and s for s in self.stop):
@@ -147,8 +169,16 @@ def _top_p_drop(sorted_asc: Tensor, one_minus_top_p: Tensor) -> Tensor:
     return drop
 
 
+def _min_p_drop(vals: Tensor, min_p: Tensor | None) -> Tensor | None:
+    """Entries to drop for min-p: probability under min_p times the row's largest (None: no row uses it)."""
+    if min_p is None:
+        return None
+    probs = vals.softmax(dim=-1)
+    return probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+
+
 def next_token_probs(scores: Tensor, temperature: Tensor, top_k: Tensor, one_minus_top_p: Tensor,
-                     k_max: int) -> tuple[Tensor, Tensor | None]:
+                     k_max: int, min_p: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """The distribution each row's token is drawn from: temperature, then top-k, then top-p, then softmax.
 
     Mirrors transformers' warpers, ties included (top-k keeps every score equal to the k-th largest). When every
@@ -159,6 +189,7 @@ def next_token_probs(scores: Tensor, temperature: Tensor, top_k: Tensor, one_min
         scores: (B, V) float32, after the invalid-score rule and repetition penalty.
         temperature: (B,) float32; top_k: (B,) long, 0 for off; one_minus_top_p: (B,) float32, 0 for off.
         k_max: the largest top_k of the rows (0 if any row has it off).
+        min_p: (B,) float32, 0 for off, or None when no row uses it; applied last.
     Returns:
         (probs, index): probs (B, n) over candidates `index` (B, n), or (B, V) probs and index None.
     """
@@ -171,13 +202,23 @@ def next_token_probs(scores: Tensor, temperature: Tensor, top_k: Tensor, one_min
             vals = vals.masked_fill(torch.arange(k_max, device=vals.device) >= top_k[:, None], float("-inf"))
             vals, idx = vals.flip(-1), idx.flip(-1)  # ascending, as the reference sorts
             vals = vals.masked_fill(_top_p_drop(vals, one_minus_top_p), float("-inf"))
+            if (drop := _min_p_drop(vals, min_p)) is not None:
+                vals = vals.masked_fill(drop, float("-inf"))
             return vals.softmax(dim=-1), idx
     sorted_asc, order = scores.sort(dim=-1)
     # The k-th largest score of each row (top-k off: the smallest); every score tied with it stays.
     kth = sorted_asc.gather(1, (V - top_k.clamp(1, V)).where(top_k > 0, torch.zeros_like(top_k))[:, None])
     sorted_asc = sorted_asc.masked_fill(sorted_asc < kth, float("-inf"))
     sorted_asc = sorted_asc.masked_fill(_top_p_drop(sorted_asc, one_minus_top_p), float("-inf"))
+    if (drop := _min_p_drop(sorted_asc, min_p)) is not None:
+        sorted_asc = sorted_asc.masked_fill(drop, float("-inf"))
     return torch.empty_like(scores).scatter_(1, order, sorted_asc).softmax(dim=-1), None
+
+
+def apply_count_penalties(scores: Tensor, counts: Tensor, presence: Tensor, frequency: Tensor) -> Tensor:
+    """OpenAI's presence and frequency penalties: subtract `frequency * count + presence * (count > 0)` from each
+    token's score, where `count` is how often the row has generated it. counts (B, V); presence, frequency (B,)."""
+    return scores - counts * frequency[:, None] - (counts > 0).to(scores.dtype) * presence[:, None]
 
 
 def _splitmix64(x: Tensor) -> Tensor:
@@ -209,6 +250,11 @@ def draw(probs: Tensor, index: Tensor | None, u: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------- per row
 
 
+def _counts_tokens(c: GenerationConfig) -> bool:
+    return c.presence_penalty != 0.0 or c.frequency_penalty != 0.0
+
+
+
 class Sampler:
     """The sampling settings of a pool of `max_batch` rows, as tensors written once per request, and the one
     batched pass that picks every row's next token.
@@ -229,6 +275,11 @@ class Sampler:
         self.seed = torch.zeros(B, dtype=torch.long, device=dev)
         self.seeded = torch.zeros(B, dtype=torch.bool, device=dev)
         self.draws = torch.zeros(B, dtype=torch.long, device=dev)
+        self.min_p = torch.zeros(B, device=dev)
+        self.presence = torch.zeros(B, device=dev)
+        self.frequency = torch.zeros(B, device=dev)
+        self.counts: Tensor | None = None  # (B, V) generated-token counts, allocated once a row needs them
+        self.bias: list[tuple[Tensor, Tensor] | None] = [None] * B  # (ids, values) of each row's logit_bias
         # Prompt + new ids of the rows with a repetition penalty (the only reader); grown with the caches.
         self.seen = torch.zeros(B, 0, dtype=torch.long, device=dev)
         self.n_seen = [0] * B
@@ -258,6 +309,17 @@ class Sampler:
         s = c.seed or 0
         self.seed[i] = s - (1 << 64) if s >= 1 << 63 else s  # the same 64 bits as an int64
         self.draws[i] = 0
+        self.min_p[i] = c.min_p
+        self.presence[i], self.frequency[i] = c.presence_penalty, c.frequency_penalty
+        if _counts_tokens(c):
+            if self.counts is None:
+                self.counts = torch.zeros(len(self.configs), self.vocab_size, device=self.temperature.device)
+            self.counts[i].zero_()
+        self.bias[i] = None
+        if c.logit_bias:
+            dev = self.temperature.device
+            self.bias[i] = (torch.tensor(list(c.logit_bias), dtype=torch.long, device=dev),
+                            torch.tensor(list(c.logit_bias.values()), dtype=torch.float32, device=dev))
         if c.repetition_penalty != 1.0:
             self.seen[i].fill_(prompt[0])  # padding repeats an id of the row: the penalty is idempotent
             self.seen[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
@@ -272,10 +334,17 @@ class Sampler:
         idx = torch.tensor(rows, device=logits.device) if len(rows) < len(self.configs) else None
         g = (lambda t: t[idx]) if idx is not None else (lambda t: t)  # noqa: E731
         scores, bad = fix_invalid_scores(logits)
+        for j, i in enumerate(rows):  # OpenAI's logit_bias comes first, as vLLM applies it
+            if self.bias[i] is not None:
+                ids, vals = self.bias[i]
+                scores[j, ids] += vals
         penalised = [j for j, c in enumerate(configs) if c.repetition_penalty != 1.0]
         if penalised:
             n = max(self.n_seen[rows[j]] for j in penalised)
             scores = apply_repetition_penalty(scores, g(self.seen)[:, :n], g(self.penalty))
+        counted = [j for j, c in enumerate(configs) if _counts_tokens(c)]
+        if counted:
+            scores = apply_count_penalties(scores, g(self.counts), g(self.presence), g(self.frequency))
         nxt = scores.argmax(dim=-1)
         sampled = [c for c in configs if not c.greedy]
         if sampled:
@@ -283,7 +352,9 @@ class Sampler:
             k_max = 0 if any(c.top_k == 0 for c in sampled) else max(min(c.top_k, V) for c in sampled)
             greedy = g(self.greedy)
             top_k = torch.where(greedy, k_max, g(self.top_k))  # greedy rows: any valid k, their draw is unused
-            probs, index = next_token_probs(scores, g(self.temperature), top_k, g(self.one_minus_top_p), k_max)
+            min_p = g(self.min_p) if any(c.min_p > 0 for c in sampled) else None
+            probs, index = next_token_probs(scores, g(self.temperature), top_k, g(self.one_minus_top_p), k_max,
+                                            min_p)
             draws = g(self.draws)
             u = torch.where(g(self.seeded), seeded_uniform(g(self.seed), draws),
                             torch.rand(len(rows), device=logits.device))
@@ -293,6 +364,9 @@ class Sampler:
             else:
                 self.draws[idx] += 1
         toks = nxt.tolist()
+        if counted:
+            at = torch.tensor([rows[j] for j in counted], device=nxt.device)
+            self.counts.index_put_((at, nxt[counted]), torch.ones(len(counted), device=nxt.device), accumulate=True)
         for j in penalised:
             i = rows[j]
             if self.n_seen[i] < self.seen.shape[1]:
@@ -301,5 +375,6 @@ class Sampler:
         return toks, bad.tolist()
 
 
-__all__ = ["CHAT_DEFAULTS", "GenerationConfig", "Sampler", "apply_repetition_penalty", "draw", "fix_invalid_scores",
+__all__ = ["CHAT_DEFAULTS", "GenerationConfig", "Sampler", "apply_count_penalties", "apply_repetition_penalty", "draw",
+           "fix_invalid_scores",
            "next_token_probs", "seeded_uniform"]

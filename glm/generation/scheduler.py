@@ -76,6 +76,10 @@ class Scheduler:
                 f"the prompt is {len(prompt)} tokens, which leaves no room under the context limit of "
                 f"{self.max_context} tokens: shorten the prompt (or the history)"
             )
+        V = self.model.config.vocab_size
+        if config.logit_bias and max(config.logit_bias) >= V:
+            raise GenerationError(f"logit_bias names token id {max(config.logit_bias)}, outside this model's "
+                                  f"vocabulary [0, {V})")
         if config.stop and stop_match is None:
             raise GenerationError("stop strings need a tokenizer: load a checkpoint with ice_text.model")
         req = Request(prompt, config, int(min(budget, room)), logits_hook=logits_hook, sink=sink,

@@ -115,3 +115,72 @@ def test_repetition_history_grows_with_the_row_own_padding():
     toks, bad = s.sample([0], logits[:1])
     assert toks == [0] and bad == [False]  # 7 was halved to 2.0, id 0 was not: it wins
     assert s.seen[0, 2].item() == 0 and s.n_seen[0] == 3
+
+
+def _counts_reference(scores, generated, presence, frequency):
+    """OpenAI's documented formula, one row at a time."""
+    out = scores.clone()
+    for tok in set(generated):
+        c = generated.count(tok)
+        out[tok] -= c * frequency + presence
+    return out
+
+
+def test_presence_and_frequency_penalties_follow_openai_formula():
+    from glm.generation.sampling import apply_count_penalties
+
+    torch.manual_seed(0)
+    scores = torch.randn(2, 12)
+    gen = [[3, 3, 5], [1]]
+    counts = torch.zeros(2, 12)
+    for r, ids in enumerate(gen):
+        for t in ids:
+            counts[r, t] += 1
+    out = apply_count_penalties(scores, counts, torch.tensor([0.5, -1.0]), torch.tensor([1.5, 0.25]))
+    for r in range(2):
+        ref = _counts_reference(scores[r], gen[r], [0.5, -1.0][r], [1.5, 0.25][r])
+        assert torch.allclose(out[r], ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(presence_penalty=2.5), dict(frequency_penalty=-2.01), dict(min_p=1.5),
+                                dict(logit_bias={1: 101}), dict(logit_bias={-1: 5}), dict(logit_bias={"7": 5}),
+                                dict(logit_bias={i: 1 for i in range(301)}), dict(presence_penalty=float("nan"))],
+                         ids=repr)
+def test_openai_fields_out_of_range_are_clear_errors(kw):
+    with pytest.raises(GenerationError, match=next(iter(kw))):
+        GenerationConfig(**kw)
+
+
+def test_openai_fields_at_zero_change_nothing_and_each_one_changes_the_output(chatglm_tiny):
+    m = chatglm_tiny
+    ids = m.tokenizer.encode("你好")
+    base = dict(do_sample=True, temperature=0.9, top_k=0, seed=11, stop_at_eos=False)
+    plain = m.generate(ids, 24, **base)
+    assert m.generate(ids, 24, presence_penalty=0.0, frequency_penalty=0.0, min_p=0.0, logit_bias={}, **base) == plain
+    assert m.generate(ids, 24, **base, min_p=0.3) != plain
+    # A bias of 8 makes id 812 win every greedy step; the penalties then push it back, by OpenAI's formula.
+    biased = m.generate(ids, 12, stop_at_eos=False, logit_bias={812: 8.0})
+    assert biased == [812] * 12
+    assert m.generate(ids, 5, stop_at_eos=False, logit_bias={812: -100, 1234: 100}) == [1234] * 5
+    for pres, freq in ((2.0, 0.0), (1.0, 2.0)):
+        raw = []
+        out = m.generate(ids, 12, stop_at_eos=False, logit_bias={812: 8.0}, presence_penalty=pres,
+                         frequency_penalty=freq, logits_hook=lambda lg: raw.append(lg[0].clone()))
+        assert out != biased
+        for i, lg in enumerate(raw):  # replay each greedy step from the model's own logits
+            lg = lg.clone()
+            lg[812] += 8.0
+            assert out[i] == int(_counts_reference(lg, out[:i], pres, freq).argmax())
+
+
+def test_penalised_rows_in_a_batch_equal_each_row_alone():
+    import glm
+    from glm_testutil import FIXTURES
+
+    m = glm.load(FIXTURES / "chatglm-tiny", max_batch=3)
+    ids = m.tokenizer.encode("晚上睡不着")
+    settings = [dict(frequency_penalty=1.0), dict(), dict(presence_penalty=-1.0, logit_bias={5: 3.0}, min_p=0.1,
+                                                         do_sample=True, seed=4)]
+    alone = [m.generate(ids, 20, stop_at_eos=False, **s) for s in settings]
+    reqs = [m.submit(ids, GenerationConfig(max_new_tokens=20, stop_at_eos=False, **s)) for s in settings]
+    assert [list(r) for r in reqs] == alone
