@@ -174,8 +174,9 @@ def test_openai_fields_at_zero_change_nothing_and_each_one_changes_the_output(ch
 
 
 def test_penalised_rows_in_a_batch_equal_each_row_alone():
-    import glm
     from glm_testutil import FIXTURES
+
+    import glm
 
     m = glm.load(FIXTURES / "chatglm-tiny", max_batch=3)
     ids = m.tokenizer.encode("晚上睡不着")
