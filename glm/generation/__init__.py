@@ -10,9 +10,9 @@ glm-serve), each module one concern and importing nothing above it:
 
 from glm.errors import GenerationError, QueueFull
 from glm.generation.inputs import Batch, check_ids, prompt_layout, prompt_positions
-from glm.generation.request import Request, Result
+from glm.generation.request import Request, Result, TokenLogprob
 from glm.generation.sampling import CHAT_DEFAULTS, GenerationConfig
 from glm.generation.scheduler import Scheduler
 
 __all__ = ["CHAT_DEFAULTS", "Batch", "GenerationConfig", "GenerationError", "QueueFull", "Request", "Result",
-           "Scheduler", "check_ids", "prompt_layout", "prompt_positions"]
+           "Scheduler", "TokenLogprob", "check_ids", "prompt_layout", "prompt_positions"]

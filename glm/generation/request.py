@@ -16,6 +16,14 @@ StopMatch = Callable[[int], "str | None"]
 
 
 @dataclass
+class TokenLogprob:
+    """A new token's log-probability under the model, and the likeliest alternatives (id, logprob), best first."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Result:
     """How a request ended: `finish_reason` "stop" (`<eop>` or a stop string), "length", "cancelled" or "error"."""
 
@@ -45,6 +53,7 @@ class Request:
         self.logits_hook = logits_hook
         self.stop_match = stop_match
         self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # with config.logprobs: one per token, set before it is handed out
         self.result: Result | None = None
         self.nan = False
         self.ending: str | None = None  # the finish reason, set just before the last token is handed out
@@ -105,4 +114,4 @@ class Request:
         self._put(e)
 
 
-__all__ = ["Request", "Result", "StopMatch"]
+__all__ = ["Request", "Result", "StopMatch", "TokenLogprob"]

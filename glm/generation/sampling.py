@@ -17,6 +17,7 @@ from glm.errors import GenerationError
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy: dividing scores by them overflows float32 (as vLLM)
 MAX_SEED = 2**64
 FLOAT32_MAX = 3.4028234663852886e38
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit)
 MAX_LOGIT_BIAS = 300  # ids one request may bias (OpenAI's limit)
 
 
@@ -54,6 +55,9 @@ class GenerationConfig:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
     min_p: float = 0.0
+    # Return each new token's log-probability and the `logprobs` likeliest alternatives (0..20; None: off): the
+    # model's log-softmax before any sampling processor, as OpenAI and vLLM return them.
+    logprobs: int | None = None
 
     def __post_init__(self):
         for name in ("max_new_tokens", "max_length"):
@@ -90,6 +94,8 @@ class GenerationConfig:
                     raise GenerationError(f"logit_bias maps token ids (integers >= 0) to numbers in [-100, 100], "
                                           f"got {k!r}: {v!r}")
             self.logit_bias = dict(self.logit_bias) or None
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise GenerationError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) and s for s in self.stop):

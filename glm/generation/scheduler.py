@@ -18,7 +18,7 @@ import torch
 
 from glm.errors import GenerationError, QueueFull
 from glm.generation.inputs import check_ids, prompt_layout
-from glm.generation.request import Request, StopMatch
+from glm.generation.request import Request, StopMatch, TokenLogprob
 from glm.generation.runner import Runner
 from glm.generation.sampling import GenerationConfig, Sampler, _is_int
 
@@ -183,6 +183,7 @@ class Scheduler:
             if r.logits_hook is not None:
                 r.logits_hook(lg[None])
         toks, bads = self.sampler.sample(rows, logits)
+        self._logprobs(reqs, logits, toks)
         eos = self.model.config.eos_token_id
         for i, r, t, bad in zip(rows, reqs, toks, bads):
             if bad:
@@ -199,6 +200,22 @@ class Scheduler:
             r._emit(t)
             if r.ending is not None:
                 self._free(i, r.ending, stop)
+
+
+    @staticmethod
+    def _logprobs(reqs: list[Request], logits: torch.Tensor, toks: list[int]) -> None:
+        """Each asking request's new token's log-softmax, and its `logprobs` likeliest alternatives."""
+        asked = [j for j, r in enumerate(reqs) if r.config.logprobs is not None]
+        if not asked:
+            return
+        lp = logits[asked].float().log_softmax(dim=-1)  # (n, V): before every sampling processor
+        chosen = lp.gather(1, torch.tensor([[toks[j]] for j in asked], device=lp.device))[:, 0].tolist()
+        k = max(reqs[j].config.logprobs for j in asked)
+        vals, ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        vals, ids = vals.tolist(), ids.tolist()
+        for n, j in enumerate(asked):
+            want = reqs[j].config.logprobs
+            reqs[j].logprobs.append(TokenLogprob(chosen[n], list(zip(ids[n][:want], vals[n][:want]))))
 
 
 _workers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()

@@ -164,3 +164,25 @@ def test_stop_strings_without_a_tokenizer_are_refused():
     m = glm.load(FIXTURES / "glm-tiny")  # a bare weights folder: no ice_text.model
     with pytest.raises(GenerationError, match="tokenizer"):
         m.generate(GREEDY[0]["input_ids"], 4, stop=["x"])
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_logprobs_are_the_log_softmax_of_the_logits_along_the_generated_path(tiny, sample):
+    ids = GREEDY[0]["input_ids"]
+    settings = dict(max_new_tokens=10, stop_at_eos=False, do_sample=sample, temperature=0.7, top_p=0.8, seed=3,
+                    repetition_penalty=1.3, logprobs=5)
+    req = tiny.submit(ids, GenerationConfig(**settings))
+    out = list(req)
+    assert out == tiny.generate(ids, **{k: v for k, v in settings.items() if k != "logprobs"})  # nothing changed
+    assert len(req.logprobs) == len(out)
+    for i, (tok, lp) in enumerate(zip(out, req.logprobs)):
+        ref = tiny.logits(ids + out[:i])[-1].float().log_softmax(-1)  # the uncached forward along the path
+        assert abs(lp.logprob - ref[tok].item()) <= 1e-4
+        vals, top = ref.topk(5)
+        assert [t for t, _ in lp.top] == top.tolist()
+        assert max(abs(v - r) for (_, v), r in zip(lp.top, vals.tolist())) <= 1e-4
+    zero = tiny.submit(ids, GenerationConfig(max_new_tokens=3, logprobs=0))
+    list(zero)
+    assert all(lp.top == [] for lp in zero.logprobs) and len(zero.logprobs) == 3
+    with pytest.raises(GenerationError, match="logprobs"):
+        GenerationConfig(logprobs=21)
