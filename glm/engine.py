@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import warnings
@@ -143,16 +144,20 @@ class ChatGLM:
         batch = Batch.from_prompts([ids], self.config, self.device)
         return self.model(batch.ids, batch.position_ids, batch.mask(prefix=self.config.pre_seq_len or 0))[0]
 
-    def submit(self, input_ids, config: GenerationConfig, *, logits_hook=None, sink=None) -> Request:
+    def submit(self, input_ids, config: GenerationConfig, *, logits_hook=None, sink=None,
+               n: int | None = None) -> Request | list[Request]:
         """Queue one prompt: the one way into generation, for every caller. Iterate the returned Request for its
         new ids (or pass `sink`, called with each event from the scheduler's thread); `.result` once it has ended.
 
+        With `n`, a list of n choices that share one prefill and then decode as rows of their own (choice j
+        samples with seed `seed + j`); `sink` is then called as `sink(j, event)`.
         Raises GenerationError for a bad prompt or setting, and QueueFull when `max_waiting` requests wait.
         """
         stop_match = None
         if isinstance(config, GenerationConfig) and config.stop and self.tokenizer is not None:
-            stop_match = StopMatcher(self.tokenizer, config.stop)
-        return self.scheduler.submit(input_ids, config, logits_hook=logits_hook, sink=sink, stop_match=stop_match)
+            stop_match = functools.partial(StopMatcher, self.tokenizer, config.stop)
+        return self.scheduler.submit(input_ids, config, logits_hook=logits_hook, sink=sink, stop_match=stop_match,
+                                     n=n)
 
     def generate_stream(self, input_ids, max_new_tokens: int | None = None, *, logits_hook=None,
                         **settings) -> Iterator[int]:

@@ -88,6 +88,15 @@ class Runner:
             self._layout[i] = prompt_layout(p, cfg)
         return logits
 
+    def fork(self, src: int, dsts: list[int]) -> None:
+        """Rows `dsts` start as copies of row `src` (its prompt's keys and values, length and positions)."""
+        n = self.P + self.lengths[src]
+        for c in self.caches:
+            c.k[dsts, :, :n] = c.k[src, :, :n]
+            c.v[dsts, :, :n] = c.v[src, :, :n]
+        for d in dsts:
+            self.lengths[d], self._layout[d] = self.lengths[src], self._layout[src]
+
     def decode(self, rows: list[int], tokens: list[int]) -> Tensor:
         """One step: `tokens[j]` goes into row `rows[j]` (ascending) at its next slot. Returns logits (n, V)."""
         P, dev = self.P, self.model.device

@@ -9,6 +9,7 @@ settings, so a request's output does not depend on what else is in the batch.
 from __future__ import annotations
 
 import atexit
+import functools
 import threading
 import weakref
 from collections import deque
@@ -20,7 +21,7 @@ from glm.errors import GenerationError, QueueFull
 from glm.generation.inputs import check_ids, prompt_layout
 from glm.generation.request import Request, StopMatch, TokenLogprob
 from glm.generation.runner import Runner
-from glm.generation.sampling import GenerationConfig, Sampler, _is_int
+from glm.generation.sampling import MAX_SEED, GenerationConfig, Sampler, _is_int
 
 
 class Scheduler:
@@ -48,7 +49,7 @@ class Scheduler:
         self.sampler = Sampler(max_batch, cfg.vocab_size, model.device)
         self.step_hooks: list[Callable[[int], None]] = []  # called with the number of rows of each decode step
         self.rows: list[Request | None] = [None] * max_batch
-        self.waiting: deque[Request] = deque()
+        self.waiting: deque[list[Request]] = deque()  # groups: the choices of one prompt are admitted together
         self._cv = threading.Condition()
         self._worker: threading.Thread | None = None
 
@@ -60,13 +61,21 @@ class Scheduler:
 
     @property
     def n_waiting(self) -> int:
-        return len(self.waiting)
+        return sum(len(g) for g in self.waiting)
 
     def submit(self, prompt, config: GenerationConfig, *, logits_hook=None, sink=None,
-               stop_match: StopMatch | None = None) -> Request:
-        """Queue one prompt; raises GenerationError for a bad prompt or setting, QueueFull when full."""
+               stop_match: Callable[[], StopMatch] | None = None, n: int | None = None) -> Request | list[Request]:
+        """Queue one prompt; raises GenerationError for a bad prompt or setting, QueueFull when full.
+
+        With `n`, a list of n requests (choices) sharing one prefill of the prompt, then decoding as separate rows;
+        choice j draws with seed `seed + j`. `sink`, if given, is then called as `sink(j, event)`. `stop_match`
+        makes a stop-string matcher for each request.
+        """
         if not isinstance(config, GenerationConfig):
             raise GenerationError(f"config must be a GenerationConfig, got {type(config).__name__}")
+        if n is not None and (not _is_int(n) or not 1 <= n <= self.max_batch):
+            raise GenerationError(f"n must be an integer in [1, {self.max_batch}] (this model's cache rows, "
+                                  f"max_batch), got {n!r}")
         prompt = check_ids(prompt, self.model.config)
         prompt_layout(prompt, self.model.config)
         budget = config.budget(len(prompt))
@@ -82,18 +91,22 @@ class Scheduler:
                                   f"vocabulary [0, {V})")
         if config.stop and stop_match is None:
             raise GenerationError("stop strings need a tokenizer: load a checkpoint with ice_text.model")
-        req = Request(prompt, config, int(min(budget, room)), logits_hook=logits_hook, sink=sink,
-                      stop_match=stop_match, wake=self._wake)
+        group = []
+        for j in range(n or 1):
+            c = config if j == 0 or config.seed is None else config.replace(seed=(config.seed + j) % MAX_SEED)
+            put = sink if n is None or sink is None else functools.partial(sink, j)
+            group.append(Request(prompt, c, int(min(budget, room)), logits_hook=logits_hook, sink=put,
+                                 stop_match=stop_match() if config.stop else None, wake=self._wake))
         with self._cv:
-            if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
-                raise QueueFull(f"the server is busy: {len(self.waiting)} requests are already waiting; retry later")
-            self.waiting.append(req)
+            if self.max_waiting is not None and self.n_waiting + len(group) > self.max_waiting:
+                raise QueueFull(f"the server is busy: {self.n_waiting} requests are already waiting; retry later")
+            self.waiting.append(list(group))  # a copy: cancelled choices leave it, not the caller's list
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(target=_work, args=(weakref.ref(self),), name="glm-scheduler",
                                                 daemon=True)
                 _start_worker(self._worker)
             self._cv.notify()
-        return req
+        return group if n is not None else group[0]
 
     def _wake(self) -> None:
         with self._cv:
@@ -119,9 +132,12 @@ class Scheduler:
 
     def _drop_cancelled(self) -> None:
         with self._cv:
-            for r in [r for r in self.waiting if r.cancelled]:
-                self.waiting.remove(r)
-                r._finish("cancelled")
+            for g in [g for g in self.waiting if any(r.cancelled for r in g)]:
+                for r in [r for r in g if r.cancelled]:
+                    g.remove(r)
+                    r._finish("cancelled")
+                if not g:
+                    self.waiting.remove(g)
         for i, r in enumerate(self.rows):
             if r is not None and r.cancelled:
                 self._free(i, "cancelled")
@@ -135,38 +151,44 @@ class Scheduler:
             r._finish(reason, stop)
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free rows, oldest first; those admitted together share one forward."""
+        """Prefill waiting prompts into free rows, oldest first; those admitted together share one forward."""
         while True:
             with self._cv:
                 free = [i for i, r in enumerate(self.rows) if r is None]
-                group: list[tuple[int, Request]] = []
-                T = 0
-                while self.waiting and len(group) < len(free):
-                    T_next = max(T, len(self.waiting[0].prompt))
-                    if group and T_next * (len(group) + 1) > self.PREFILL_TOKENS:
+                groups: list[tuple[list[int], list[Request]]] = []
+                used = T = 0
+                while self.waiting and used + len(self.waiting[0]) <= len(free):
+                    T_next = max(T, len(self.waiting[0][0].prompt))
+                    if groups and T_next * (len(groups) + 1) > self.PREFILL_TOKENS:
                         break
-                    group.append((free[len(group)], self.waiting.popleft()))
-                    T = T_next
-            if not group:
+                    g = self.waiting.popleft()
+                    groups.append((free[used : used + len(g)], g))
+                    used, T = used + len(g), T_next
+            if not groups:
                 return
             try:
-                self._prefill(group)
+                self._prefill(groups)
             except Exception as e:  # noqa: BLE001 - e.g. out of memory: these requests fail, the others go on
-                for i, req in group:
-                    if self.rows[i] is req:
-                        self._free(i, None, error=e)
-                    else:
-                        req._fail(e)
+                for rows, g in groups:
+                    for i, req in zip(rows, g):
+                        if self.rows[i] is req:
+                            self._free(i, None, error=e)
+                        else:
+                            req._fail(e)
 
-    def _prefill(self, group: list[tuple[int, Request]]) -> None:
-        self.runner.ensure(max(len(r.prompt) + r.budget for _, r in group))
+    def _prefill(self, groups: list[tuple[list[int], list[Request]]]) -> None:
+        self.runner.ensure(max(len(g[0].prompt) + g[0].budget for _, g in groups))
         self.sampler.reserve(self.runner.slots)
-        for i, req in group:
-            self.rows[i] = req
-            self.sampler.set_row(i, req.config, req.prompt)
-        rows = [i for i, _ in group]
-        logits = self.runner.prefill(rows, [r.prompt for _, r in group])
-        self._sample_and_emit(rows, logits)
+        for rows, g in groups:
+            for i, req in zip(rows, g):
+                self.rows[i] = req
+                self.sampler.set_row(i, req.config, req.prompt)
+        logits = self.runner.prefill([rows[0] for rows, _ in groups], [g[0].prompt for _, g in groups])
+        for rows, _ in groups:  # the other choices of a prompt start from a copy of its row
+            if len(rows) > 1:
+                self.runner.fork(rows[0], rows[1:])
+        counts = torch.tensor([len(rows) for rows, _ in groups], device=logits.device)
+        self._sample_and_emit([i for rows, _ in groups for i in rows], logits.repeat_interleave(counts, dim=0))
 
     def _decode_step(self) -> None:
         rows = [i for i, r in enumerate(self.rows) if r is not None]

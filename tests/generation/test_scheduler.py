@@ -186,3 +186,46 @@ def test_logprobs_are_the_log_softmax_of_the_logits_along_the_generated_path(tin
     assert all(lp.top == [] for lp in zero.logprobs) and len(zero.logprobs) == 3
     with pytest.raises(GenerationError, match="logprobs"):
         GenerationConfig(logprobs=21)
+
+
+def test_n_choices_share_one_prefill_and_each_equals_its_seed_alone(pooled, tiny, monkeypatch):
+    ids = GREEDY[1]["input_ids"]
+    cfg = GenerationConfig(max_new_tokens=12, stop_at_eos=False, do_sample=True, temperature=1.0, top_k=0, seed=5)
+    alone = [tiny.generate(ids, **{**cfg.__dict__, "seed": 5 + j}) for j in range(3)]
+    prefills = []
+    model = pooled.scheduler.model
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda x, *a, **k: (prefills.append(x.shape) if x.shape[1] > 1 else None)
+                        or forward(x, *a, **k))
+    reqs = pooled.submit(ids, cfg, n=3)
+    assert [list(r) for r in reqs] == alone and len(set(map(tuple, alone))) > 1
+    assert prefills == [(1, len(ids))]  # one prefill of one row for the three choices
+    assert [r.result.finish_reason for r in reqs] == ["length"] * 3
+    greedy = pooled.submit(ids, GenerationConfig(max_new_tokens=8, stop_at_eos=False), n=2)
+    assert [list(r) for r in greedy] == [tiny.generate(ids, 8, stop_at_eos=False)] * 2
+
+
+def test_n_choices_wait_for_rows_together_and_one_can_be_cancelled(pooled, tiny):
+    a, b = GREEDY[0]["input_ids"], GREEDY[2]["input_ids"]
+    go = threading.Event()
+    first = pooled.submit(a, GenerationConfig(max_new_tokens=6, stop_at_eos=False), logits_hook=lambda _: go.wait(5))
+    group = pooled.submit(b, GenerationConfig(max_new_tokens=20, stop_at_eos=False), n=3)  # needs all 3 rows
+    group[1].cancel()
+    go.set()
+    assert list(first) == tiny.generate(a, 6, stop_at_eos=False)
+    outs = [list(r) for r in group]
+    solo = tiny.generate(b, 20, stop_at_eos=False)
+    assert outs[0] == solo and outs[2] == solo and group[1].result.finish_reason == "cancelled"
+    assert pooled.scheduler.running == 0
+    with pytest.raises(GenerationError, match=r"n must be an integer in \[1, 3\]"):
+        pooled.submit(b, GenerationConfig(max_new_tokens=2), n=4)
+
+
+def test_n_choices_with_a_sink_are_told_apart_by_index(pooled):
+    events = []
+    reqs = pooled.submit(GREEDY[0]["input_ids"], GenerationConfig(max_new_tokens=3, stop_at_eos=False), n=2,
+                         sink=lambda j, ev: events.append((j, ev)))
+    while any(r.result is None for r in reqs):
+        threading.Event().wait(0.01)
+    for j, r in enumerate(reqs):
+        assert [ev for i, ev in events if i == j] == r.tokens + [None]
