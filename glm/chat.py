@@ -108,7 +108,8 @@ def submit_turn(engine, query: str, history: History, config: GenerationConfig) 
     """Queue the reply to `query` after `history` (the official prompt template)."""
     if not isinstance(query, str):
         raise GenerationError(f"query must be a string, got {type(query).__name__}")
-    return engine.submit(_tokenizer(engine).encode(build_prompt(query, history)), config)
+    return engine.submit(_tokenizer(engine).encode(build_prompt(query, history)), config,
+                         postprocess=process_response)
 
 
 def replies(engine, request: Request) -> Iterator[tuple[str, bool]]:

@@ -6,7 +6,7 @@ import functools
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -144,18 +144,19 @@ class ChatGLM:
         batch = Batch.from_prompts([ids], self.config, self.device)
         return self.model(batch.ids, batch.position_ids, batch.mask(prefix=self.config.pre_seq_len or 0))[0]
 
-    def submit(self, input_ids, config: GenerationConfig, *, logits_hook=None, sink=None,
-               n: int | None = None) -> Request | list[Request]:
+    def submit(self, input_ids, config: GenerationConfig, *, logits_hook=None, sink=None, n: int | None = None,
+               postprocess: Callable[[str], str] | None = None) -> Request | list[Request]:
         """Queue one prompt: the one way into generation, for every caller. Iterate the returned Request for its
         new ids (or pass `sink`, called with each event from the scheduler's thread); `.result` once it has ended.
 
         With `n`, a list of n choices that share one prefill and then decode as rows of their own (choice j
-        samples with seed `seed + j`); `sink` is then called as `sink(j, event)`.
+        samples with seed `seed + j`); `sink` is then called as `sink(j, event)`. Stop strings are matched on
+        `postprocess(text)` when given (a chat reply's `process_response`: what the reader gets).
         Raises GenerationError for a bad prompt or setting, and QueueFull when `max_waiting` requests wait.
         """
         stop_match = None
         if isinstance(config, GenerationConfig) and config.stop and self.tokenizer is not None:
-            stop_match = functools.partial(StopMatcher, self.tokenizer, config.stop)
+            stop_match = functools.partial(StopMatcher, self.tokenizer, config.stop, postprocess)
         return self.scheduler.submit(input_ids, config, logits_hook=logits_hook, sink=sink, stop_match=stop_match,
                                      n=n)
 

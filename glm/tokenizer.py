@@ -171,17 +171,23 @@ class StreamDecoder:
 class StopMatcher:
     """Given each new id of a request, the first of its stop strings that the decoded text now holds, else None.
 
-    Built by `ChatGLM.submit` and handed to the request, so that the scheduler never needs the tokenizer.
+    Built by `ChatGLM.submit` and handed to the request, so that the scheduler never needs the tokenizer. With
+    `postprocess` (a chat reply's `process_response`), stop strings are matched on the text the reader gets,
+    which that function may change (`;` becomes `；` next to CJK).
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]):
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...], postprocess=None):
         self.dec = StreamDecoder(tokenizer)
         self.stop = tuple(stop)
         self.longest = max(len(s) for s in self.stop)
+        self.postprocess = postprocess
         self.text = ""
 
     def __call__(self, token_id: int) -> str | None:
         delta = self.dec.put(token_id)
+        if self.postprocess is not None:  # the whole text: post-processing can change what came before
+            text = self.postprocess(self.dec.text)
+            return next((s for s in self.stop if s in text), None)
         self.text += delta
         tail = self.text[-(self.longest + len(delta)):]  # only a match that the new text completes
         return next((s for s in self.stop if s in tail), None)

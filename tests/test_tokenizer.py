@@ -130,3 +130,17 @@ def test_tokenizer_and_config_from_different_checkpoints():
     assert "pieces" in refused(glm.CheckpointError, _tok, vocab_size=1024)
     assert "not found" in refused(glm.CheckpointError, _tok, MODEL.parent / "nope.model")
     assert _tok(vocab_size=VOCAB).encode("你好") == [5, 74874, 130001, 130004]
+
+
+def test_stop_matcher_matches_on_the_post_processed_text(chatglm_tiny):
+    from glm.chat import process_response
+    from glm.tokenizer import StopMatcher
+
+    tok = chatglm_tiny.tokenizer
+    ids = tok.encode("你好;世界", add_special_tokens=False)
+    raw, processed = StopMatcher(tok, ("；",)), StopMatcher(tok, ("；",), process_response)
+    assert [raw(t) for t in ids] == [None] * len(ids)  # the raw text has a half-width ';'
+    hits = [processed(t) for t in ids]
+    assert "；" in hits and hits[-1] == "；"
+    plain = StopMatcher(tok, (";",))
+    assert plain.__call__ and any(plain(t) == ";" for t in ids)

@@ -72,13 +72,16 @@ class GenerationConfig:
             raise GenerationError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature!r}")
         if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise GenerationError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise GenerationError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise GenerationError(f"top_k must be an integer >= 0 (0 or -1 turn it off), got {self.top_k!r}")
+        if self.top_k == -1:  # vLLM's and OpenAI clients' "off"
+            self.top_k = 0
         if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise GenerationError(f"repetition_penalty must be a number > 0 (1 is no penalty), got "
                                   f"{self.repetition_penalty!r}")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < MAX_SEED):
-            raise GenerationError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
+        # Any int64 (OpenAI's type) or uint64: a negative seed is the same 64 bits as its unsigned twin.
+        if self.seed is not None and (not _is_int(self.seed) or not -(1 << 63) <= self.seed < MAX_SEED):
+            raise GenerationError(f"seed must be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not _is_real(v) or not -2.0 <= v <= 2.0:
@@ -312,7 +315,7 @@ class Sampler:
         self.penalty[i] = float(min(c.repetition_penalty, FLOAT32_MAX))
         self.greedy[i] = c.greedy
         self.seeded[i] = c.seed is not None
-        s = c.seed or 0
+        s = (c.seed or 0) % MAX_SEED
         self.seed[i] = s - (1 << 64) if s >= 1 << 63 else s  # the same 64 bits as an int64
         self.draws[i] = 0
         self.min_p[i] = c.min_p

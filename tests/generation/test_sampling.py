@@ -73,10 +73,10 @@ def test_top_k_with_ties_keeps_every_tied_token():
     assert (_probs(scores, top_k=2) > 0).sum().item() == 3
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
+@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
                                 dict(repetition_penalty=0), dict(top_k=1.5), dict(seed="x"),
                                 dict(temperature=float("nan")), dict(repetition_penalty=float("inf")),
-                                dict(seed=2**64), dict(seed=-1), dict(max_new_tokens=0), dict(max_length=-1),
+                                dict(seed=2**64), dict(seed=-(2**63) - 1), dict(max_new_tokens=0), dict(max_length=-1),
                                 dict(do_sample="yes"), dict(stop=[""]), dict(stop=[3])])
 def test_bad_settings_are_clear_errors(kw):
     with pytest.raises(GenerationError):
@@ -185,3 +185,14 @@ def test_penalised_rows_in_a_batch_equal_each_row_alone():
     alone = [m.generate(ids, 20, stop_at_eos=False, **s) for s in settings]
     reqs = [m.submit(ids, GenerationConfig(max_new_tokens=20, stop_at_eos=False, **s)) for s in settings]
     assert [list(r) for r in reqs] == alone
+
+
+def test_a_negative_seed_is_its_unsigned_twin(tiny):
+    ids = [5, 6, 7, tiny.config.gmask_token_id, tiny.config.bos_token_id]
+    kw = dict(do_sample=True, top_k=0, stop_at_eos=False)
+    assert tiny.generate(ids, 8, seed=-1, **kw) == tiny.generate(ids, 8, seed=2**64 - 1, **kw)
+    assert tiny.generate(ids, 8, seed=-(2**63), **kw) == tiny.generate(ids, 8, seed=2**63, **kw)
+
+
+def test_top_k_minus_one_is_off():
+    assert GenerationConfig(top_k=-1) == GenerationConfig(top_k=0)
