@@ -146,7 +146,7 @@ def test_console_script_is_registered():
     import tomllib
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["glm-finetune"] == "glm.finetune:main"
+    assert scripts["glm-finetune"] == "glm.finetune.cli:main"
 
 
 @pytest.mark.parametrize(
