@@ -20,11 +20,16 @@ NAN_WARNING = ("the model produced NaN/inf logits; the official fallback picked 
                "This usually means float16 overflow: try dtype='bfloat16' or 'float32'.")
 
 
-def build_prompt(query: str, history: History | None = None) -> str:
-    """The official template: the bare query with no history, else numbered rounds of 问/答 (the trainer's
-    `ptuning/main.py` builds its prompts with the same template)."""
-    if not history:
+def build_prompt(query: str, history: History | None = None, *, rounds: bool = False) -> str:
+    """The official template: the bare query with no history, else numbered rounds of 问/答.
+
+    `rounds=True`: the numbered template even for an empty history (`[Round 0]\\n问：{query}\\n答：`), as the
+    official trainer (`ptuning/main.py`) renders a row whose history column holds `[]`; the official chat sends
+    the bare query instead.
+    """
+    if not history and not rounds:
         return query
+    history = history or []
     rounds = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
     return rounds + f"[Round {len(history)}]\n问：{query}\n答："
 

@@ -1,0 +1,50 @@
+"""glm.finetune.data: reading JSON-lines rows and the official preprocessing, against the reference goldens."""
+
+import pytest
+from finetune_cases import OPTS, G, golden_rows
+
+from glm.finetune import DataError, preprocess_rows, read_rows
+
+
+def test_preprocess_rows_gives_the_official_ids_and_labels(chatglm_tiny):
+    ids, labels = preprocess_rows(chatglm_tiny.tokenizer, golden_rows(), **OPTS)
+    assert ids == G["input_ids"]
+    assert labels == G["labels"]
+
+
+def test_an_empty_history_is_round_0_as_the_official_trainer_renders_it(chatglm_tiny):
+    # The official preprocess_function_train numbers every row of a history column, `[]` included (its chat sends
+    # the bare query instead); a row without the column is the bare query.
+    tok = chatglm_tiny.tokenizer
+    opts = {**OPTS, "max_source_length": 40, "max_target_length": 8}
+    ids = [preprocess_rows(tok, [row], **opts)[0] for row in (
+        {"content": "hi", "summary": "x", "history": []},
+        {"content": "[Round 0]\n问：hi\n答：", "summary": "x"},
+        {"content": "hi", "summary": "x"},
+    )]
+    assert ids[0] == ids[1] != ids[2]
+
+
+def test_the_data_error_is_the_one_of_glm_errors():
+    from glm.errors import DataError as Error
+
+    assert DataError is Error
+
+
+def test_bad_rows_are_one_line_errors(chatglm_tiny, tmp_path):
+    tok = chatglm_tiny.tokenizer
+    with pytest.raises(DataError, match="'prompt'"):
+        preprocess_rows(tok, golden_rows(), **{**OPTS, "prompt_column": "prompt"})
+    with pytest.raises(DataError, match="cut to nothing"):
+        preprocess_rows(tok, golden_rows(), **{**OPTS, "max_source_length": 1})
+    with pytest.raises(DataError, match="non-empty"):
+        preprocess_rows(tok, [{"content": "", "summary": "x"}], **OPTS)
+    with pytest.raises(DataError, match="row 1: column 'history'"):
+        preprocess_rows(tok, [{"content": "a", "summary": "b", "history": "c"}], **OPTS)
+    f = tmp_path / "t.json"
+    f.write_text("\n  \n")
+    with pytest.raises(DataError, match="empty"):
+        read_rows(f)
+    f.write_text('{"content": "a", "summary": "b"}\n[1, 2]\n')
+    with pytest.raises(DataError, match="line 2 is not a JSON object"):
+        read_rows(f)
