@@ -37,6 +37,7 @@ RANKS = {
     "glm.web": 11,
     "glm.serve": 11,
     "glm.__main__": 12,
+    "glm.finetune.__main__": 12,
 }
 WITHIN = ("glm.kernels", "glm.quant", "glm.loader", "glm.finetune")  # packages whose modules may import each other
 

@@ -13,7 +13,7 @@ One concern per module, the library importing no entry-point code:
 - `prefix`: a fresh prefix encoder, and freezing everything else;
 - `loss`: the official loss, and the positions and mask of the right-padded rows;
 - `loop`: the training loop, evaluation, checkpoints and resuming;
-- `cli`: the `glm-finetune` command (`main`, loaded on first use so that the library never imports glm.options).
+- `cli`: the `glm-finetune` command (`glm.finetune.cli.main`), the only module that imports entry-point code.
 """
 
 from __future__ import annotations
@@ -31,17 +31,6 @@ from glm.finetune.loop import (
 )
 from glm.finetune.loss import ptuning_loss, training_inputs
 from glm.finetune.prefix import add_prefix, prefix_parameters
-
-
-def __getattr__(name: str):
-    # `main` is the command line's, loaded on first use (and left out of __all__): importing it with the library
-    # would load glm.options for every library user.
-    if name == "main":
-        from glm.finetune.cli import main
-
-        return main
-    raise AttributeError(f"module 'glm.finetune' has no attribute {name!r}")
-
 
 __all__ = ["IGNORE", "DataError", "TrainConfig", "add_prefix", "batch_order", "evaluate", "find_checkpoint",
            "load_training_state", "prefix_parameters", "preprocess_rows", "ptuning_loss", "read_rows",

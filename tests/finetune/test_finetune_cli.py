@@ -31,11 +31,11 @@ def test_the_library_imports_no_entry_point_code():
             "from glm.finetune import data, loop, loss, prefix\n"
             "print(sorted(m for m in ('glm.options', 'glm.cli', 'glm.web', 'glm.serve', 'glm.finetune.cli') "
             "if m in sys.modules))\n"
-            "from glm.finetune import main\n"
+            "from glm.finetune.cli import main\n"
             "print(main.__module__, 'glm.options' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == ["[]", "glm.finetune.cli True"]  # main still comes from glm.finetune, on demand
+    assert r.stdout.splitlines() == ["[]", "glm.finetune.cli True"]
 
 
 @pytest.mark.parametrize(
@@ -51,7 +51,7 @@ def test_the_library_imports_no_entry_point_code():
     ids=["not-json", "empty", "missing-column", "pre-seq-len", "cut-to-nothing", "too-long"],
 )
 def test_bad_input_is_one_line(tmp_path, capsys, lines, extra, message):
-    from glm.finetune import main
+    from glm.finetune.cli import main
 
     f = tmp_path / "train.json"
     f.write_text("".join(line + "\n" for line in lines))
