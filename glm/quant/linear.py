@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from glm.config import CPU_KERNELS
 from glm.kernels.cpu_wq import (
     BLOCK_K,
     TILE_N,
@@ -51,7 +52,6 @@ from glm.quant.primitives import quantize_grouped, quantize_per_channel
 
 __all__ = ["CPU_KERNELS", "QuantEmbedding", "QuantLinear"]
 
-CPU_KERNELS = ("exact", "fast")
 # Dequantized rows per matmul in the "dequant" path: about 2 MiB of fp32 weight, so it stays in cache.
 _DEQUANT_CHUNK_BYTES = 2 << 20
 # Rows quantized at a time in `from_linear`, to bound the fp32 temporaries (16 MiB of fp32 at K = 16384).
