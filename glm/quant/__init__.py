@@ -3,19 +3,22 @@
 Three layers, after torchao's `quantize_`:
     `glm.quant.primitives`  pure quantize / pack / dequantize functions, each naming the scheme it mirrors;
     `glm.quant.linear`      `QuantLinear`, which holds the packed weight, its scales and the bias, and
-                            dispatches to the kernels of `glm.kernels` for the device;
+                            chooses its forward for the device: `glm.quant.paths` (the kernels of
+                            `glm.kernels`, or dequantizing) or `glm.quant.stock` (torch's own operators);
     this module             `quantize_`, `swap_linear` (the one place a linear becomes a QuantLinear), which
                             linears of the model get quantized, the tied quantized embedding, the CPU kernel mode.
 
 glm.quant uses glm.kernels, never the reverse. Importing this package does not import triton (the CUDA kernel is
-looked up at the first CUDA forward) nor build the CPU kernel (built at the first CPU `prepare`).
+looked up when a layer is first placed on a CUDA device) nor build the CPU kernel (built when a layer is first
+placed on a CPU).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from glm.quant.linear import CPU_KERNELS, QuantEmbedding, QuantLinear
+from glm.config import CPU_KERNELS
+from glm.quant.linear import QuantEmbedding, QuantLinear
 from glm.quant.primitives import dequantize, pack_int4, quantize_grouped, quantize_per_channel, sqnr, unpack_int4
 
 __all__ = [
