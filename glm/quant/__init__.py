@@ -117,21 +117,25 @@ def tie_quantized_embedding(model: nn.Module) -> None:
     model.word_embeddings = QuantEmbedding(head, dtype)
 
 
-def set_cpu_kernel(model: nn.Module, mode: str) -> nn.Module:
+def set_cpu_kernel(model, mode: str):
     """Choose the CPU kernel of every QuantLinear in `model`.
 
     Args:
-        model: any module.
+        model: what `glm.load` returns (a ChatGLM: its `.model` is changed), or any module.
         mode: "exact" (the default: float activations, `F.linear(x, q * scale, b)` up to summation order) or
             "fast" (activations quantized to int8 per block of 32, integer dot products: faster, above all for
             batches, and not exact; see docs/quantization.md).
 
     Returns:
-        `model`.
+        `model`, as given.
     """
     if mode not in CPU_KERNELS:
         raise ValueError(f"cpu_kernel must be one of {', '.join(CPU_KERNELS)}, got {mode!r}")
-    for mod in model.modules():
+    # A ChatGLM is recognised by its `.model` (glm.engine sits above glm.quant, which must not import it).
+    net = model if isinstance(model, nn.Module) else getattr(model, "model", None)
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"set_cpu_kernel takes a loaded model (glm.load) or an nn.Module, not {type(model).__name__}")
+    for mod in net.modules():
         if isinstance(mod, QuantLinear):
             mod.cpu_kernel = mode
     return model

@@ -147,6 +147,16 @@ def test_set_cpu_kernel_and_bad_mode():
         quantize_(_Toy(layers=1), 4, cpu_kernel="quick")
 
 
+def test_set_cpu_kernel_takes_what_glm_load_returns():
+    import glm
+
+    m = glm.load(FIXTURES / "glm-tiny-int4")
+    assert set_cpu_kernel(m, "fast") is m
+    assert {q.cpu_kernel for q in m.model.modules() if isinstance(q, QuantLinear)} == {"fast"}
+    with pytest.raises(TypeError, match="takes a loaded model"):
+        set_cpu_kernel("glm-tiny-int4", "fast")
+
+
 def test_tied_quantized_embedding_replaces_the_float_table():
     model = _Toy()
     ids = torch.randint(0, 128, (2, 7))
