@@ -14,8 +14,8 @@ Forward: chosen once, when the layer is built, prepared (`prepare()`, which the 
 its tensors), moved (`.to`, `.half()`), loaded (`load_state_dict`) or its `cpu_kernel` mode set, and stored;
 `forward_path` names the choice. A forward hands a call to "dequant" where the input needs it: past its row limit
 (there one bf16 GEMM beats the kernels), or an input dtype it does not take.
-    "triton"      CUDA with triton: `glm.kernels.wq_linear`, the fused dequantize-matmul (looked up at the first
-                  move to CUDA, so importing glm.quant does not import triton).
+    "triton"      CUDA with triton: `glm.kernels.wq_linear`, the fused dequantize-matmul (looked up when a layer
+                  is first placed on a CUDA device: importing glm.quant does not import triton).
     "cpu_exact"   CPU, `cpu_kernel == "exact"` (the default), up to `exact_max_rows` rows: our kernel with float
                   activations, `F.linear(x, q * scale, b)` in fp32 up to summation order, whatever x's dtype
                   (fp32, bf16, fp16; fp64 dequantizes).
