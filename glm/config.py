@@ -28,6 +28,9 @@ BOOLS = ("position_encoding_2d", "tie_word_embeddings", "use_cache", "quantizati
 MAX_CONFIG_BYTES = 1 << 20  # the release's config.json is under 1 KB
 FIX = "fix config.json or re-download the checkpoint"
 GLM2 = "this checkpoint is ChatGLM2/3 (GLM v2), not ChatGLM-6B v1: it is not supported"
+# The CPU kernel modes of quantized linears (see glm.quant.set_cpu_kernel). They live here, in a leaf module, so
+# that `glm.load` checks its cpu_kernel= argument without importing glm.quant (a float model never needs it).
+CPU_KERNELS = ("exact", "fast")
 
 
 def _show(v: Any, limit: int = 40) -> str:

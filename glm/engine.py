@@ -256,7 +256,7 @@ def load(
             raise ValueError(f"group_size must be 32, 64 or 128, got {group_size!r}")
         if quant != 4:
             raise ValueError("group_size applies to quant=4 only")
-    from glm.quant.linear import CPU_KERNELS
+    from glm.config import CPU_KERNELS  # a leaf module: a float load never imports glm.quant
 
     if cpu_kernel not in CPU_KERNELS:  # before any download (set_cpu_kernel checks the same, after loading)
         raise ValueError(f"cpu_kernel must be one of {', '.join(CPU_KERNELS)}, got {cpu_kernel!r}")

@@ -159,7 +159,7 @@ def main(argv=None) -> int:
              "is scaled once. The weights are read once for up to 8 rows, so a batch of 8 costs little more than one "
              "row. Not exact: the tables below give its cost next to the exact path's.", "",
              "Choose with `glm.load(..., cpu_kernel=\"fast\")` or `--cpu-kernel fast` (on a model at hand, "
-             "`glm.quant.set_cpu_kernel(model, \"fast\")`); "
+             "`m = glm.load(...)`: `import glm.quant; glm.quant.set_cpu_kernel(m, \"fast\")`); "
              "`python scripts/bench.py --modes int4,int4-fast` times both. Past `QuantLinear.exact_max_rows` (32) "
              "rows in exact mode and `fast_max_rows` (128) in fast mode, long prompts dequantize slices of the weight "
              "and run one bf16 GEMM each, which is faster there. Both modes read one copy of the weight, in the "

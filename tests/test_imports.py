@@ -27,3 +27,15 @@ def test_loading_and_chatting_on_cpu_never_loads_our_triton_kernels_or_gradio_no
         "print('glm.kernels.wq_gemv' in sys.modules, 'gradio' in sys.modules, torch.cuda.is_initialized())"
     )
     assert out == "False False False"
+
+
+def test_a_float_load_imports_neither_glm_quant_nor_the_cpu_kernel():
+    # Only a quantized checkpoint or quant= needs them; a quant=4 load in the same process shows the probe works.
+    out = _run(
+        "import sys, glm\n"
+        "glm.load('tests/fixtures/chatglm-tiny')\n"
+        "print('glm.quant' in sys.modules, 'glm.kernels.cpu_wq' in sys.modules)\n"
+        "glm.load('tests/fixtures/chatglm-tiny', quant=4)\n"
+        "print('glm.quant' in sys.modules)"
+    )
+    assert out.split() == ["False", "False", "True"]

@@ -3,19 +3,22 @@
 Three layers, after torchao's `quantize_`:
     `glm.quant.primitives`  pure quantize / pack / dequantize functions, each naming the scheme it mirrors;
     `glm.quant.linear`      `QuantLinear`, which holds the packed weight, its scales and the bias, and
-                            dispatches to the kernels of `glm.kernels` for the device;
+                            chooses its forward for the device: `glm.quant.paths` (the kernels of
+                            `glm.kernels`, or dequantizing) or `glm.quant.stock` (torch's own operators);
     this module             `quantize_`, `swap_linear` (the one place a linear becomes a QuantLinear), which
                             linears of the model get quantized, the tied quantized embedding, the CPU kernel mode.
 
 glm.quant uses glm.kernels, never the reverse. Importing this package does not import triton (the CUDA kernel is
-looked up at the first CUDA forward) nor build the CPU kernel (built at the first CPU `prepare`).
+looked up when a layer is first placed on a CUDA device) nor build the CPU kernel (built when a layer is first
+placed on a CPU).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from glm.quant.linear import CPU_KERNELS, QuantEmbedding, QuantLinear
+from glm.config import CPU_KERNELS
+from glm.quant.linear import QuantEmbedding, QuantLinear
 from glm.quant.primitives import dequantize, pack_int4, quantize_grouped, quantize_per_channel, sqnr, unpack_int4
 
 __all__ = [
@@ -114,21 +117,25 @@ def tie_quantized_embedding(model: nn.Module) -> None:
     model.word_embeddings = QuantEmbedding(head, dtype)
 
 
-def set_cpu_kernel(model: nn.Module, mode: str) -> nn.Module:
+def set_cpu_kernel(model, mode: str):
     """Choose the CPU kernel of every QuantLinear in `model`.
 
     Args:
-        model: any module.
+        model: what `glm.load` returns (a ChatGLM: its `.model` is changed), or any module.
         mode: "exact" (the default: float activations, `F.linear(x, q * scale, b)` up to summation order) or
             "fast" (activations quantized to int8 per block of 32, integer dot products: faster, above all for
             batches, and not exact; see docs/quantization.md).
 
     Returns:
-        `model`.
+        `model`, as given.
     """
     if mode not in CPU_KERNELS:
         raise ValueError(f"cpu_kernel must be one of {', '.join(CPU_KERNELS)}, got {mode!r}")
-    for mod in model.modules():
+    # A ChatGLM is recognised by its `.model` (glm.engine sits above glm.quant, which must not import it).
+    net = model if isinstance(model, nn.Module) else getattr(model, "model", None)
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"set_cpu_kernel takes a loaded model (glm.load) or an nn.Module, not {type(model).__name__}")
+    for mod in net.modules():
         if isinstance(mod, QuantLinear):
             mod.cpu_kernel = mode
     return model

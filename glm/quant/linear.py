@@ -10,82 +10,57 @@ On a CPU, `prepare()` (called by `quantize_` and the loader) rewrites the weight
 `packed_weight()` rebuild the official tensor exactly, and moving the module (`.to`) or loading a state dict
 restores it.
 
-Forward dispatch (`last_path` names the one taken):
-    "triton"      CUDA with triton: `glm.kernels.wq_linear`, the fused dequantize-matmul (imported lazily).
+Forward: chosen once, when the layer is built, prepared (`prepare()`, which the loader calls after assigning
+its tensors), moved (`.to`, `.half()`), loaded (`load_state_dict`) or its `cpu_kernel` mode set, and stored;
+`forward_path` names the choice. A forward hands a call to "dequant" where the input needs it: past its row limit
+(there one bf16 GEMM beats the kernels), or an input dtype it does not take.
+    "triton"      CUDA with triton: `glm.kernels.wq_linear`, the fused dequantize-matmul (looked up when a layer
+                  is first placed on a CUDA device: importing glm.quant does not import triton).
     "cpu_exact"   CPU, `cpu_kernel == "exact"` (the default), up to `exact_max_rows` rows: our kernel with float
-                  activations, `F.linear(x, q * scale, b)` in fp32 up to summation order, whatever x's dtype.
+                  activations, `F.linear(x, q * scale, b)` in fp32 up to summation order, whatever x's dtype
+                  (fp32, bf16, fp16; fp64 dequantizes).
     "cpu_fast"    CPU, `cpu_kernel == "fast"`, up to `fast_max_rows` rows: our kernel with x quantized to int8 per
                   block of 32 (ggml's q8_0) and integer dot products (VNNI). Faster, and its cost grows little
                   with the rows; not exact.
-    "dequant"     everything else: dequantize ~2 MiB of rows at a time and matmul them (fp32 input in fp32, half
-                  input in bf16). Long prompts take it in both modes: there one bf16 GEMM beats the kernels.
     "int8_stock", "int4_stock"
                   CPU where our kernel cannot be built (no compiler): torch's `_weight_int8pack_mm` and
-                  `_weight_int4pack_mm_for_cpu`, bf16, few rows. The int4 one keeps its own repacked copy besides
-                  the official tensor.
+                  `_weight_int4pack_mm_for_cpu` (glm.quant.stock), bf16, half inputs of few rows. The int4 one
+                  keeps its own repacked copy besides the official tensor.
+    "dequant"     everything else: on a CPU, dequantize ~2 MiB of rows at a time and matmul them (fp32 input in
+                  fp32, half input in bf16); elsewhere (CUDA without triton, MPS) the whole weight at once.
+The forwards themselves live in glm.quant.paths and glm.quant.stock.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from glm.config import CPU_KERNELS
 from glm.kernels.cpu_wq import (
     BLOCK_K,
-    TILE_N,
     cpu_kernels,
     cpu_unpack_rows,
-    cpu_unpack_t,
-    cpu_wq_linear,
     official_from_tiles,
     tile_bias,
     tile_scales,
     tiles_from_official,
 )
-from glm.kernels.reference import dequantize, pack_int4, unpack_int4
+from glm.kernels.reference import dequantize, pack_int4
+from glm.quant import paths
+from glm.quant.paths import _DEQUANT_CHUNK_BYTES
 from glm.quant.primitives import quantize_grouped, quantize_per_channel
+from glm.quant.stock import stock_forward
 
-__all__ = ["CPU_KERNELS", "QuantEmbedding", "QuantLinear"]
+__all__ = ["QuantEmbedding", "QuantLinear"]
 
-CPU_KERNELS = ("exact", "fast")
-# Dequantized rows per matmul in the "dequant" path: about 2 MiB of fp32 weight, so it stays in cache.
-_DEQUANT_CHUNK_BYTES = 2 << 20
 # Rows quantized at a time in `from_linear`, to bound the fp32 temporaries (16 MiB of fp32 at K = 16384).
 _QUANTIZE_ROWS = 256
-# Group sizes `_weight_int4pack_mm_for_cpu` accepts (torch 2.13 checks exactly these).
-_STOCK_INT4_GROUPS = (256, 128, 64, 32)
-# Up to this many rows torch's stock weight-only kernels beat dequantize + bf16 GEMM (their cost grows per row).
-_STOCK_MAX_ROWS = {8: 48, 4: 96}
 # Dequantized bytes (fp32) per matmul of `grad_input`: it sums over the slice's rows, so longer slices pay on a CPU
 # too (8 MiB: 1.5x faster than 2 MiB at 4096 -> 16384, 128 rows of bf16, one thread); on a GPU launches dominate.
 _GRAD_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 64 << 20}
-
-
-
-_UNRESOLVED = object()
-_cuda_kernel_fn: Callable | None | object = _UNRESOLVED
-
-
-def _cuda_kernel() -> Callable | None:
-    """`glm.kernels.wq_linear`, or None where triton or the kernel is missing (then we dequantize).
-
-    Resolved once into a module global (a plain global read is what torch.compile traces best).
-    """
-    global _cuda_kernel_fn
-    if _cuda_kernel_fn is _UNRESOLVED:
-        _cuda_kernel_fn = None
-        if importlib.util.find_spec("triton") is not None:
-            try:
-                from glm.kernels import wq_linear
-
-                _cuda_kernel_fn = wq_linear
-            except (ImportError, AttributeError):
-                pass
-    return _cuda_kernel_fn  # type: ignore[return-value]
 
 
 class QuantLinear(nn.Module):
@@ -102,8 +77,6 @@ class QuantLinear(nn.Module):
         device: where to allocate (works with "meta" for construct-then-assign loading).
     """
 
-    # The CPU kernel mode: "exact" (float activations) or "fast" (int8 activations); see `glm.quant.set_cpu_kernel`.
-    cpu_kernel: str = "exact"
     # Up to this many rows the CPU kernels beat dequantizing slices and one bf16 GEMM each (docs/benchmarks.md):
     # their cost grows with the rows, a GEMM's hardly does. Tuning knobs: assign to the class or to one module.
     exact_max_rows: int = 32
@@ -146,7 +119,8 @@ class QuantLinear(nn.Module):
         for name in ("_tiles", "_tile_scale", "_tile_bias", "_stock_int4"):
             self.register_buffer(name, None, persistent=False)
         self._stock_scales: tuple[Tensor, int] | None = None
-        self.last_path: str | None = None  # which implementation the last forward used (see module docstring)
+        self._cpu_kernel = "exact"
+        self._choose_forward()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None) -> QuantLinear:
@@ -178,6 +152,7 @@ class QuantLinear(nn.Module):
         if linear.bias is not None:
             mod.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         linear.weight = None
+        mod._choose_forward()  # for the device its tensors now have (it was built on meta)
         return mod
 
     def extra_repr(self) -> str:
@@ -209,25 +184,34 @@ class QuantLinear(nn.Module):
     def prepare(self) -> QuantLinear:
         """On a CPU, rewrite the weight into the kernel's layout now (building the kernel if need be).
 
-        The official tensor is then dropped; `state_dict()` and `packed_weight()` rebuild it exactly. Does nothing
-        on other devices, for group sizes the kernel does not take, or where the kernel cannot be built.
+        The official tensor is then dropped; `state_dict()` and `packed_weight()` rebuild it exactly. No rewrite on
+        other devices, for group sizes the kernel does not take, or where the kernel cannot be built. Everywhere, the
+        forward is chosen anew for the tensors the layer now holds (the loader assigns them directly, then calls this).
 
         Returns:
             self.
         """
         self._cpu_tiles()
+        self._choose_forward()  # the loader assigns tensors directly: here they are all in place
         return self
+
+    def _kernel_serves(self) -> bool:
+        """Whether our CPU kernel serves this layer: on a CPU, a group size it takes, and a compiler at hand to build
+        it (`cpu_kernels()` builds it at its first call)."""
+        if self._tiles is not None:
+            return True
+        return not (
+            self.weight is None
+            or self.weight.device.type != "cpu"  # meta (not loaded yet) too
+            or (self.group_size is not None and self.group_size % BLOCK_K)
+            or cpu_kernels() is None
+        )
 
     def _cpu_tiles(self) -> bool:
         """Whether the CPU kernel serves this layer, converting the weight on first use."""
         if self._tiles is not None:
             return True
-        if (
-            self.weight is None
-            or self.weight.device.type != "cpu"  # meta (not loaded yet) too
-            or (self.group_size is not None and self.group_size % BLOCK_K)
-            or cpu_kernels() is None
-        ):
+        if not self._kernel_serves():
             return False
         n, k = self.out_features, self.in_features
         with torch.no_grad(), torch.inference_mode(False):
@@ -260,6 +244,7 @@ class QuantLinear(nn.Module):
             self.weight_scale = torch.empty_like(self.weight_scale, dtype=incoming.dtype)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._choose_forward()  # the tensors are in place now (assign=True may have moved them off meta)
 
     def _apply(self, fn, recurse=True):
         self._clear_cache()
@@ -267,9 +252,45 @@ class QuantLinear(nn.Module):
         super()._apply(fn, recurse)
         if self.weight_scale.dtype != scale.dtype:  # model.half() / .to(dtype): move the scale, keep its dtype
             self.weight_scale = scale.to(device=self.weight_scale.device)
+        self._choose_forward()
         return self
 
     # -------------------------------------------------------------------------------------------------- forward
+
+    @property
+    def cpu_kernel(self) -> str:
+        """The CPU kernel mode: "exact" (float activations) or "fast" (int8 activations); see
+        `glm.quant.set_cpu_kernel`."""
+        return self._cpu_kernel
+
+    @cpu_kernel.setter
+    def cpu_kernel(self, mode: str) -> None:
+        if mode not in CPU_KERNELS:
+            raise ValueError(f"cpu_kernel must be one of {', '.join(CPU_KERNELS)}, got {mode!r}")
+        self._cpu_kernel = mode
+        self._choose_forward()
+
+    @property
+    def forward_path(self) -> str:
+        """The forward this layer runs, as the module docstring's table names it (e.g. "cpu_exact")."""
+        return self._forward_path
+
+    def _choose_forward(self) -> None:
+        """Choose the forward for where the tensors now are and the CPU kernel mode, and store it."""
+        device = self.weight_scale.device.type
+        choice: tuple[str, Callable[..., Tensor]]
+        if device == "cuda" and paths.cuda_kernel() is not None:
+            choice = "triton", paths.forward_triton
+        elif device != "cpu":
+            choice = "dequant", paths.forward_dequant_whole
+        elif self._kernel_serves():
+            fast = self._cpu_kernel == "fast"
+            choice = ("cpu_fast", paths.forward_cpu_fast) if fast else ("cpu_exact", paths.forward_cpu_exact)
+        else:
+            choice = stock_forward(self) or ("dequant", paths.forward_dequant)
+        # A plain function, not a bound method: a module holding a method of itself would be a reference cycle,
+        # and its weights would wait for the garbage collector.
+        self._forward_path, self._forward_impl = choice
 
     def forward(self, x: Tensor) -> Tensor:
         """`F.linear(x, q * scale, bias)` without materialising the float weight.
@@ -299,7 +320,7 @@ class QuantLinear(nn.Module):
         acc = torch.promote_types(g.dtype, torch.float32)
         cdt = g.dtype if g.dtype == acc or g.is_cuda else torch.bfloat16
         budget = _GRAD_CHUNK_BYTES.get(g.device.type, _DEQUANT_CHUNK_BYTES)
-        rows = max(64, budget // (4 * k) // 64 * 64)  # whole 64-row blocks, as in `_forward_dequant_chunked`
+        rows = max(64, budget // (4 * k) // 64 * 64)  # whole 64-row blocks
         out = torch.zeros(g2.shape[0], k, dtype=acc, device=g.device)
         for r in range(0, n, rows):
             w = self._dequant_rows(r, min(r + rows, n)).to(cdt)
@@ -307,106 +328,8 @@ class QuantLinear(nn.Module):
         return out.to(g.dtype).reshape(*g.shape[:-1], k)
 
     def _linear(self, x: Tensor) -> Tensor:
-        if x.is_cuda and (kernel := _cuda_kernel()) is not None:
-            self._mark("triton")
-            return kernel(x, self.packed_weight(), self.weight_scale, self.bias, self.bits, self.group_size)
-        x2 = x.reshape(-1, self.in_features)
-        if x.device.type != "cpu":
-            self._mark("dequant")
-            w = self.dequantized_weight(x.dtype)
-            y = F.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
-        elif x.dtype in (torch.float32, torch.bfloat16, torch.float16) and self._cpu_tiles():
-            y = self._forward_tiles(x2)
-        elif x.dtype in (torch.bfloat16, torch.float16) and x2.shape[0] <= _STOCK_MAX_ROWS[self.bits] and (
-            stock := self._stock_kernel()
-        ):
-            y = stock(x2)
-        else:
-            y = self._forward_dequant(x2)
+        y = self._forward_impl(self, x.reshape(-1, self.in_features))
         return y.reshape(*x.shape[:-1], self.out_features)
-
-    def _mark(self, path: str) -> None:
-        if not torch.compiler.is_compiling():  # a Python side effect that a compiled graph need not replay
-            self.last_path = path
-
-    def _forward_tiles(self, x2: Tensor) -> Tensor:
-        fast = self.cpu_kernel == "fast"
-        if x2.shape[0] > (self.fast_max_rows if fast else self.exact_max_rows):
-            return self._forward_dequant(x2)
-        self._mark("cpu_fast" if fast else "cpu_exact")
-        return cpu_wq_linear(x2, self._tiles, self._tile_scale, self._tile_bias, self.bits, self.group_size,
-                             self.out_features, fast)
-
-    def _forward_dequant(self, x2: Tensor) -> Tensor:
-        self._mark("dequant")
-        # fp32 and fp64 stay as they are (exact); half inputs compute in bf16, the dtype the x86 GEMMs are fast in.
-        cdt = torch.bfloat16 if x2.dtype in (torch.float16, torch.bfloat16) else x2.dtype
-        xc = x2.to(cdt)
-        n, k = self.out_features, self.in_features
-        rows = max(TILE_N, _DEQUANT_CHUNK_BYTES // (4 * k) // TILE_N * TILE_N)
-        out = torch.empty(x2.shape[0], n, dtype=cdt, device=x2.device)
-        buf = torch.empty(k, rows, dtype=cdt) if self._tiles is not None else None
-        for r in range(0, n, rows):
-            r1 = min(r + rows, n)
-            if buf is not None:  # the kernel layout gives the slice transposed, [K, r1 - r]
-                wt = buf if r1 - r == rows else torch.empty(k, r1 - r, dtype=cdt)
-                w = cpu_unpack_t(self._tiles, self._tile_scale, self.bits, self.group_size, n, k, r, wt).t()
-            else:
-                s = self.weight_scale[r:r1]
-                w = dequantize(self.weight[r:r1], s, self.bits, self.group_size, dtype=cdt)
-            b = None if self.bias is None else self.bias[r:r1].to(cdt)
-            out[:, r:r1] = F.linear(xc, w, b)
-        return out.to(x2.dtype)
-
-    # ------------------------------------------------------------------------- torch's stock kernels (fallback)
-
-    def _stock_kernel(self) -> Callable[[Tensor], Tensor] | None:
-        """torch's weight-only CPU operator for this layer where it takes the shape, else None."""
-        n, k = self.out_features, self.in_features
-        if self.bits == 8:
-            # Per-channel only. With K not a multiple of 16 it returns garbage (even crashes) in torch 2.13.
-            if self.group_size is None and k % 32 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-                return self._stock_int8
-            return None
-        span = self.group_size or k  # the kernel's group must divide ours: per-channel repeats one scale
-        group = next((g for g in _STOCK_INT4_GROUPS if span % g == 0), None)
-        if n % 16 or group is None or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-            return None
-        if self._stock_int4 is None:
-            with torch.no_grad(), torch.inference_mode(False):
-                # In slices of rows, to bound the int32 temporary the converter takes (2 GB for lm_head at once):
-                # its layout packs blocks of 16 to 64 rows, which a multiple of 1024 never splits.
-                convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
-                w = torch.cat([convert(unpack_int4(self.weight[r : r + 1024]).to(torch.int32) + 8, 1)
-                               for r in range(0, n, 1024)])
-                if self.group_size is None:  # unit scales: the per-channel scale is applied in fp32 afterwards
-                    scale = torch.ones(k // group, n, dtype=torch.bfloat16)
-                else:
-                    scale = self.weight_scale.to(torch.bfloat16).repeat_interleave(self.group_size // group, 1).t()
-                # [K/g, N, 2]: (scale, zero) per group; the kernel computes (u - 8) * scale + zero.
-                self._stock_int4 = w
-                self._stock_scales = (torch.stack([scale, torch.zeros_like(scale)], -1).contiguous(), group)
-        return self._stock_int4_mm
-
-    def _stock_int8(self, x2: Tensor) -> Tensor:
-        self._mark("int8_stock")
-        ones = torch.ones(self.out_features, dtype=torch.bfloat16)
-        return self._stock_finish(torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, ones), x2)
-
-    def _stock_int4_mm(self, x2: Tensor) -> Tensor:
-        self._mark("int4_stock")
-        scales, group = self._stock_scales
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self._stock_int4, group, scales)
-        return self._stock_finish(y, x2)
-
-    def _stock_finish(self, y: Tensor, x2: Tensor) -> Tensor:
-        y = y.float()
-        if self.group_size is None:
-            y = y * self.weight_scale.float()
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x2.dtype)
-
 
     def _dequant_rows(self, r0: int, r1: int) -> Tensor:
         """fp32 `q * scale` of output rows [r0, r1), from whichever layout holds the weight."""

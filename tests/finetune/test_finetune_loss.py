@@ -142,5 +142,5 @@ def test_quantized_fp16_base_trains_on_gpu(fixture):
     # The Triton kernels run the forward; the backward dequantizes a slice of rows at a time.
     m = glm.load(FIXTURES / fixture, device="cuda", dtype="float16")
     losses = train_prefix(m)
-    assert m.model.layers[1].attention.dense.last_path == "triton"
+    assert m.model.layers[1].attention.dense.forward_path == "triton"
     assert losses[-1] < losses[0] - 3.0, losses

@@ -11,7 +11,7 @@ from quant_ckpt import fp16_sd, int4_sd, int8_sd, linear_prefixes, module_state
 
 import glm.quant.linear as qlinear
 from glm.kernels.cpu_wq import cpu_kernels
-from glm.quant import QuantEmbedding, QuantLinear, dequantize, quantize_per_channel, set_cpu_kernel
+from glm.quant import QuantEmbedding, QuantLinear, dequantize, paths, quantize_per_channel, set_cpu_kernel, stock
 
 HAS_CPU_KERNEL = cpu_kernels() is not None
 HALF = (torch.bfloat16, torch.float16)
@@ -41,12 +41,21 @@ def _truth(m: QuantLinear, x: torch.Tensor):
     return F.linear(x64, w, b), mag
 
 
-def _expected_path(bits, group_size, dtype, rows):
+def _expected_forward(bits, group_size):
+    """The forward a CPU layer chooses (`forward_path`)."""
     if HAS_CPU_KERNEL and (group_size is None or group_size % 32 == 0):
-        return "cpu_exact" if rows <= QuantLinear.exact_max_rows else "dequant"
-    if dtype == torch.float32 or rows > qlinear._STOCK_MAX_ROWS[bits]:
+        return "cpu_exact"
+    return "dequant" if bits == 8 and group_size else f"int{bits}_stock"  # torch's int8 operator: per-channel only
+
+
+def _expected_path(bits, group_size, dtype, rows):
+    """The forward that computes `rows` rows of `dtype`: the chosen one, or "dequant" past its limits."""
+    chosen = _expected_forward(bits, group_size)
+    if chosen == "cpu_exact":
+        return chosen if rows <= QuantLinear.exact_max_rows else "dequant"
+    if dtype == torch.float32 or rows > stock._STOCK_MAX_ROWS[bits]:
         return "dequant"
-    return f"int{bits}_stock"
+    return chosen
 
 
 @pytest.fixture
@@ -55,19 +64,41 @@ def no_cpu_kernel(monkeypatch):
     monkeypatch.setattr(qlinear, "cpu_kernels", lambda: None)
 
 
+@pytest.fixture
+def ran(monkeypatch):
+    """`ran(m, x)`: `m(x)` and the name of the forward that computed it, the one `m` chose (`forward_path`) or
+    "dequant" where that one handed the call over (past its row limit, or an input dtype it does not take)."""
+    calls = []
+    real = paths.forward_dequant
+
+    def counted(layer, x2):
+        calls.append(x2.shape[0])
+        return real(layer, x2)
+
+    monkeypatch.setattr(paths, "forward_dequant", counted)
+
+    def run(m, x):
+        calls.clear()
+        y = m(x)
+        return y, "dequant" if calls else m.forward_path
+
+    return run
+
+
 # ---------------------------------------------------------------------------------------------- accuracy
 
 
 @pytest.mark.parametrize("rows", [1, 5, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("bits,group_size", CASES)
-def test_forward_matches_dequantize_then_linear(bits, group_size, dtype, rows):
+def test_forward_matches_dequantize_then_linear(ran, bits, group_size, dtype, rows):
     k, n = 256, 384
     m = QuantLinear.from_linear(_linear(k, n), bits, group_size)
+    assert m.forward_path == _expected_forward(bits, group_size)
     x = torch.randn(rows, k).to(dtype)
-    y = m(x.view(1, rows, k))
+    y, path = ran(m, x.view(1, rows, k))
     assert y.shape == (1, rows, n) and y.dtype == dtype
-    assert m.last_path == _expected_path(bits, group_size, dtype, rows)
+    assert path == _expected_path(bits, group_size, dtype, rows)
     y = y.view(rows, n).double()
     truth, mag = _truth(m, x)
     if dtype == torch.float32:
@@ -75,7 +106,7 @@ def test_forward_matches_dequantize_then_linear(bits, group_size, dtype, rows):
         ref = F.linear(x, m.dequantized_weight(), m.bias)
         assert (y - ref.double()).abs().max().item() <= 1e-5
         assert ((y - truth).abs() <= 1e-6 * mag).all()
-    elif m.last_path == "cpu_exact":
+    elif path == "cpu_exact":
         # fp32 arithmetic on the half input, rounded once: within one rounding of the output dtype.
         assert ((y - truth).abs() <= 2**-8 * truth.abs() + 1e-5 * mag).all()
     else:
@@ -85,7 +116,7 @@ def test_forward_matches_dequantize_then_linear(bits, group_size, dtype, rows):
 @pytest.mark.skipif(not HAS_CPU_KERNEL, reason="the CPU kernel could not be built here")
 @pytest.mark.parametrize("rows", [1, 8, 40])
 @pytest.mark.parametrize("bits,group_size", CASES)
-def test_fast_cpu_kernel_is_close_to_exact(bits, group_size, rows):
+def test_fast_cpu_kernel_is_close_to_exact(ran, bits, group_size, rows):
     """int8 activations per block of 32 cost about 40 dB on random inputs, far below the weight noise (16-41 dB)."""
     from glm.quant import sqnr
 
@@ -93,8 +124,8 @@ def test_fast_cpu_kernel_is_close_to_exact(bits, group_size, rows):
     x = torch.randn(rows, 256).bfloat16()
     exact = m(x)
     set_cpu_kernel(m, "fast")
-    fast = m(x)
-    assert m.last_path == "cpu_fast" and fast.dtype == torch.bfloat16
+    fast, path = ran(m, x)
+    assert m.forward_path == path == "cpu_fast" and fast.dtype == torch.bfloat16
     truth, _ = _truth(m, x)
     assert sqnr(truth, fast) > 35 and sqnr(truth, exact) > 45
     with pytest.raises(ValueError, match="cpu_kernel must be one of exact, fast"):
@@ -103,65 +134,83 @@ def test_fast_cpu_kernel_is_close_to_exact(bits, group_size, rows):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bits,group_size,k,n", [(8, None, 40, 64), (4, None, 48, 8), (4, 16, 64, 40)])
-def test_odd_shapes(bits, group_size, k, n, dtype):
+def test_odd_shapes(ran, bits, group_size, k, n, dtype):
     """K not a multiple of 32 and N not of 16 are padded for the kernel; a group of 16 it does not take."""
     m = QuantLinear.from_linear(_linear(k, n), bits, group_size)
     x = torch.randn(2, k).to(dtype)
-    y = m(x).double()
+    y, path = ran(m, x)
+    y = y.double()
     kernel = HAS_CPU_KERNEL and group_size is None
-    assert m.last_path == ("cpu_exact" if kernel else "dequant")
+    assert path == ("cpu_exact" if kernel else "dequant")
     truth, mag = _truth(m, x)
     assert ((y - truth).abs() <= (1e-6 if dtype == torch.float32 else HALF_TOL) * mag).all()
 
 
-def test_float64_inputs_stay_float64():
+def test_float64_inputs_stay_float64(ran):
     m = QuantLinear.from_linear(_linear(64, 32), 4, 32)
     x = torch.randn(3, 64, dtype=torch.float64)
-    y = m(x)
-    assert y.dtype == torch.float64 and m.last_path == "dequant"
+    y, path = ran(m, x)
+    assert y.dtype == torch.float64 and path == "dequant"
     assert (y - F.linear(x, m.dequantized_weight(torch.float64), m.bias.double())).abs().max().item() <= 1e-12
 
 
 @pytest.mark.skipif(not HAS_CPU_KERNEL, reason="the CPU kernel could not be built here")
 @pytest.mark.parametrize("group_size", [None, 32])
-def test_many_rows_dequantize_the_kernel_copy_in_chunks(monkeypatch, group_size):
+def test_many_rows_dequantize_the_kernel_copy_in_chunks(monkeypatch, ran, group_size):
     """Past `exact_max_rows` the exact path dequantizes slices of the kernel's copy and runs a GEMM."""
-    monkeypatch.setattr(qlinear, "_DEQUANT_CHUNK_BYTES", 4 * 256 * 64)  # 64-row chunks: 64 + 64 + 48 rows
+    monkeypatch.setattr(paths, "_DEQUANT_CHUNK_BYTES", 4 * 256 * 64)  # 64-row chunks: 64 + 64 + 48 rows
     m = QuantLinear.from_linear(_linear(256, 176), 4, group_size).prepare()
-    assert m.weight is None
+    assert m.weight is None and m.forward_path == "cpu_exact"
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(QuantLinear.exact_max_rows + 1, 256).to(dtype)
-        y = m(x).double()
-        assert m.last_path == "dequant"
+        y, path = ran(m, x)
+        y = y.double()
+        assert path == "dequant"
         truth, mag = _truth(m, x)
         assert ((y - truth).abs() <= (1e-6 if dtype == torch.float32 else HALF_TOL) * mag).all()
 
 
 @pytest.mark.skipif(not HAS_CPU_KERNEL, reason="the CPU kernel could not be built here")
-def test_exact_kernel_is_used_up_to_exact_max_rows():
+def test_exact_kernel_is_used_up_to_exact_max_rows(ran):
     m = QuantLinear.from_linear(_linear(256, 384), 4)
     limit = QuantLinear.exact_max_rows
-    m(torch.randn(limit, 256))
-    assert m.last_path == "cpu_exact"
-    m(torch.randn(limit + 1, 256))
-    assert m.last_path == "dequant"
+    assert ran(m, torch.randn(limit, 256))[1] == "cpu_exact"
+    assert ran(m, torch.randn(limit + 1, 256))[1] == "dequant"
     m.exact_max_rows = 0  # per-module retuning
-    m(torch.randn(1, 256))
-    assert m.last_path == "dequant"
+    assert ran(m, torch.randn(1, 256))[1] == "dequant"
 
 
 @pytest.mark.parametrize("bits,group_size,n", [(8, None, 384), (4, None, 2112), (4, 32, 384)])
-def test_without_a_compiler_torch_stock_operators_serve(no_cpu_kernel, bits, group_size, n):
+def test_without_a_compiler_torch_stock_operators_serve(no_cpu_kernel, ran, bits, group_size, n):
     m = QuantLinear.from_linear(_linear(256, n), bits, group_size).prepare()
     official = m.weight
     assert official is not None and m._tiles is None
     x = torch.randn(3, 256).bfloat16()
-    y = m(x).double()
-    stock = hasattr(torch.ops.aten, "_weight_int8pack_mm" if bits == 8 else "_weight_int4pack_mm_for_cpu")
-    assert m.last_path == (f"int{bits}_stock" if stock else "dequant")
+    y, path = ran(m, x)
+    y = y.double()
+    has_op = hasattr(torch.ops.aten, "_weight_int8pack_mm" if bits == 8 else "_weight_int4pack_mm_for_cpu")
+    assert m.forward_path == path == (f"int{bits}_stock" if has_op else "dequant")
     truth, mag = _truth(m, x)
     assert ((y - truth).abs() <= HALF_TOL * mag).all()
     assert m.weight is official and torch.equal(m.state_dict()["weight"], official)
+
+
+def test_the_forward_is_chosen_when_built_loaded_moved_or_its_mode_set():
+    kernel = "cpu_exact" if HAS_CPU_KERNEL else "int4_stock"
+    with torch.device("meta"):
+        m = QuantLinear(256, 384, 4)
+    assert m.forward_path == "dequant"  # nothing loaded yet
+    m.load_state_dict(QuantLinear.from_linear(_linear(256, 384), 4).state_dict(), assign=True)
+    assert m.forward_path == kernel
+    if HAS_CPU_KERNEL:
+        m.cpu_kernel = "fast"
+        assert m.forward_path == "cpu_fast"
+        m.half()  # a move chooses again, in the mode set
+        assert m.forward_path == "cpu_fast"
+    with pytest.raises(ValueError, match="cpu_kernel must be one of exact, fast"):
+        m.cpu_kernel = "turbo"
+    m.to("meta")
+    assert m.forward_path == "dequant"
 
 
 def test_a_failed_build_warns_once_and_returns_none():
@@ -339,8 +388,8 @@ def test_cuda_forward_matches_dequantize(bits, group_size):
         if dtype != torch.float32:
             tol = HALF_TOL
         else:  # a triton kernel may multiply fp32 in TF32 (10-bit mantissa); the dequant fallback is plain fp32
-            tol = 2**-9 if m.last_path == "triton" else 1e-5
-        assert ((y - truth).abs() <= tol * mag).all(), (dtype, m.last_path)
+            tol = 2**-9 if m.forward_path == "triton" else 1e-5
+        assert ((y - truth).abs() <= tol * mag).all(), (dtype, m.forward_path)
 
 
 @pytest.mark.skipif(not HAS_CPU_KERNEL, reason="the CPU kernel could not be built here")

@@ -131,9 +131,9 @@ def test_quantized_tiny_model_in_bf16_uses_the_cpu_kernels(bits, cpu_kernel):
     cases, tensors = _golden(f"glm-tiny-int{bits}")
     case = next(c for c in cases if "logits" in c)
     ours = _last8(case, m.logits(case["input_ids"]))
-    paths = {mod.last_path for mod in m.model.modules() if isinstance(mod, QuantLinear)}
-    if cpu_kernels() is not None and len(case["input_ids"]) <= QuantLinear.exact_max_rows:
-        assert paths == {f"cpu_{cpu_kernel}"}
+    chosen = {mod.forward_path for mod in m.model.modules() if isinstance(mod, QuantLinear)}
+    if cpu_kernels() is not None and len(case["input_ids"]) <= QuantLinear.exact_max_rows:  # within their row limit
+        assert chosen == {f"cpu_{cpu_kernel}"}
     # bf16 through 3 blocks: far from fp32's 1e-4, but the same logits to bf16 accuracy
     assert sqnr(tensors[case["logits"]], ours) > (30 if cpu_kernel == "exact" else 25)
 
@@ -145,6 +145,16 @@ def test_set_cpu_kernel_and_bad_mode():
     assert {m.cpu_kernel for m in model.modules() if isinstance(m, QuantLinear)} == {"fast"}
     with pytest.raises(ValueError, match="cpu_kernel must be one of"):
         quantize_(_Toy(layers=1), 4, cpu_kernel="quick")
+
+
+def test_set_cpu_kernel_takes_what_glm_load_returns():
+    import glm
+
+    m = glm.load(FIXTURES / "glm-tiny-int4")
+    assert set_cpu_kernel(m, "fast") is m
+    assert {q.cpu_kernel for q in m.model.modules() if isinstance(q, QuantLinear)} == {"fast"}
+    with pytest.raises(TypeError, match="takes a loaded model"):
+        set_cpu_kernel("glm-tiny-int4", "fast")
 
 
 def test_tied_quantized_embedding_replaces_the_float_table():
