@@ -38,9 +38,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'glm' has no attribute {name!r}")
 
 
-def save(m, folder):
-    """Save a loaded model (quantized or not) as safetensors + config + tokenizer; `glm.load(folder)` reads it."""
-    return m.save(folder)
+def save(m, folder, merge_lora: bool = False):
+    """Save a loaded model (quantized or not) as safetensors + config + tokenizer; `glm.load(folder)` reads it.
+    A model with a LoRA adapter needs `merge_lora=True` (see `ChatGLM.save`)."""
+    return m.save(folder, merge_lora=merge_lora)
 
 
 __all__ = ["load", "save", "ChatGLM", "GLMConfig", "GLM", "Tokenizer", "GenerationConfig", "GenerationError",

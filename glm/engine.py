@@ -201,8 +201,20 @@ class ChatGLM:
         last value is exactly `chat`'s reply). Settings as `chat`."""
         return _chat.stream_chat(self, query, history, CHAT_DEFAULTS.replace(**settings), final=final)
 
-    def save(self, folder: str | os.PathLike) -> Path:
-        """Save weights (safetensors), config and tokenizer so that `glm.load(folder)` restores this model."""
+    def save(self, folder: str | os.PathLike, merge_lora: bool = False) -> Path:
+        """Save weights (safetensors), config and tokenizer so that `glm.load(folder)` restores this model.
+
+        A model with a LoRA adapter is saved with `merge_lora=True`: the update is folded into the float weights
+        first (in place: this model then holds the merged weights, with the same outputs).
+        """
+        from glm.lora import lora_modules
+        from glm.lora import merge_lora as merge
+
+        if lora_modules(self.model):
+            if not merge_lora:
+                raise ValueError("this model has a LoRA adapter: save it with merge_lora=True (the official layout "
+                                 "has no place for unmerged factors)")
+            merge(self.model)
         return save_checkpoint(self.model, folder, tokenizer_folder=self.path)
 
 
@@ -221,6 +233,8 @@ def load(
     group_size: int | None = None,
     quantize_lm_head: bool = False,
     ptuning: str | os.PathLike | None = None,
+    lora: str | os.PathLike | None = None,
+    merge_lora: bool = False,
     compile: bool = False,
     max_batch: int = 1,
     max_context: int | None = None,
@@ -240,6 +254,8 @@ def load(
         group_size: None for per-output-channel scales (the official scheme), or 32/64/128 (int4 only).
         quantize_lm_head: quantize lm_head too (1 GB in fp16), with `quant` or on a checkpoint stored quantized.
         ptuning: a P-Tuning v2 checkpoint folder (its config.json and prefix encoder) to apply on top.
+        lora: a LoRA adapter folder as PEFT saves it, applied unmerged (on a quantized base nothing is requantized).
+        merge_lora: fold the adapter into the float weights at load (float bases only).
         compile: decode through `torch.compile(mode="reduce-overhead")`: CUDA graphs on a GPU (fixed shapes).
         max_batch: cache rows, i.e. requests decoded together (each row holds up to max_context tokens).
         max_context: tokens of prompt plus reply per request (default: the config's max_sequence_length, 2048);
@@ -260,6 +276,8 @@ def load(
 
     if cpu_kernel not in CPU_KERNELS:  # before any download (set_cpu_kernel checks the same, after loading)
         raise ValueError(f"cpu_kernel must be one of {', '.join(CPU_KERNELS)}, got {cpu_kernel!r}")
+    if merge_lora and lora is None:
+        raise ValueError("merge_lora=True needs lora=DIR")
     dev = resolve_device(device)
     resolve_dtype(dtype, dev)  # reject a bad name before any download
     t0 = time.perf_counter()
@@ -274,6 +292,13 @@ def load(
         from glm.quant import set_cpu_kernel
 
         set_cpu_kernel(net, cpu_kernel)
+    if lora is not None:
+        from glm.loader.lora import apply_lora
+        from glm.lora import merge_lora as merge
+
+        apply_lora(net, lora)
+        if merge_lora:
+            merge(net)
     tok_file = folder / "ice_text.model"
     # A bare weights folder (like the tiny test models) has no tokenizer: ids in, ids out still work.
     tokenizer = Tokenizer.from_config(tok_file, net.config) if tok_file.is_file() else None

@@ -21,6 +21,7 @@ RANKS = {
     "glm.tokenizer": 2,
     "glm.quant": 3,
     "glm.model": 3,
+    "glm.lora": 3,
     "glm.loader": 4,
     "glm.generation.inputs": 4,
     "glm.generation.sampling": 4,
