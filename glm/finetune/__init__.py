@@ -29,9 +29,10 @@ from glm.finetune.loop import (
     save_training_checkpoint,
     train,
 )
-from glm.finetune.loss import ptuning_loss, training_inputs
+from glm.finetune.lora import lora_parameters
+from glm.finetune.loss import ptuning_loss, training_inputs, training_loss
 from glm.finetune.prefix import add_prefix, prefix_parameters
 
 __all__ = ["IGNORE", "DataError", "TrainConfig", "add_prefix", "batch_order", "evaluate", "find_checkpoint",
-           "load_training_state", "prefix_parameters", "preprocess_rows", "ptuning_loss", "read_rows",
-           "save_training_checkpoint", "train", "training_inputs"]
+           "load_training_state", "lora_parameters", "prefix_parameters", "preprocess_rows", "ptuning_loss",
+           "read_rows", "save_training_checkpoint", "train", "training_inputs", "training_loss"]

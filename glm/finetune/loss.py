@@ -35,8 +35,8 @@ def training_inputs(input_ids: Tensor, cfg: GLMConfig, prefix: int = 0) -> tuple
     return batch.position_ids, batch.mask(prefix)
 
 
-def ptuning_loss(m, input_ids, labels) -> Tensor:
-    """The official P-Tuning v2 loss: shifted cross-entropy over float32 logits, mean over the non-ignored tokens.
+def training_loss(m, input_ids, labels) -> Tensor:
+    """The official fine-tuning loss (P-Tuning v2, LoRA, any trainable part): shifted cross-entropy over float32 logits, mean over the non-ignored tokens.
 
     Columns after the last labelled token of every row are dropped first: they are causal pads that no labelled
     position sees, so the loss and its gradients are exactly those of the full rows. Logits are computed only
@@ -44,7 +44,7 @@ def ptuning_loss(m, input_ids, labels) -> Tensor:
 
     Args:
         m: a `glm.load` model (or its `GLM`); only the parameters that require grad (the prefix encoder, see
-            `prefix_parameters`) get gradients.
+            `prefix_parameters`, or the LoRA factors, see `lora_parameters`) get gradients.
         input_ids, labels: (B, T) tensors or lists of lists, as `preprocess_rows` returns them.
     Returns:
         The scalar loss.
@@ -63,4 +63,7 @@ def ptuning_loss(m, input_ids, labels) -> Tensor:
     return F.cross_entropy(logits, target[target != IGNORE])
 
 
-__all__ = ["ptuning_loss", "training_inputs"]
+ptuning_loss = training_loss  # the name the P-Tuning API has used
+
+
+__all__ = ["ptuning_loss", "training_inputs", "training_loss"]
