@@ -36,7 +36,8 @@ def training_inputs(input_ids: Tensor, cfg: GLMConfig, prefix: int = 0) -> tuple
 
 
 def training_loss(m, input_ids, labels) -> Tensor:
-    """The official fine-tuning loss (P-Tuning v2, LoRA, any trainable part): shifted cross-entropy over float32 logits, mean over the non-ignored tokens.
+    """The official fine-tuning loss (P-Tuning v2, LoRA, any trainable part): shifted cross-entropy over float32
+    logits, mean over the non-ignored tokens.
 
     Columns after the last labelled token of every row are dropped first: they are causal pads that no labelled
     position sees, so the loss and its gradients are exactly those of the full rows. Logits are computed only
