@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import warnings
 
 from glm.options import (
@@ -81,14 +80,12 @@ def _on_off(s: str) -> bool:
 class Chat:
     """One conversation on a loaded model: reads queries, streams replies, keeps the history within bounds."""
 
-    def __init__(self, m, settings, *, out=None, err=None, prog: str = "glm-chat", delay_ms: int = 0,
-                 stream: bool | None = None):
+    def __init__(self, m, settings, *, out=None, err=None, prog: str = "glm-chat", stream: bool | None = None):
         self.m = m
         self.s = settings  # a GenerationConfig; /set replaces it
         self.out = out if out is not None else sys.stdout
         self.err = err if err is not None else sys.stderr
         self.prog = prog
-        self.delay = delay_ms / 1000
         # Token by token for a person watching a terminal; into a pipe or file, each reply is written once, whole,
         # so that a script reads exactly the reply (the streamed text can differ in a rare corner, see ReplyPrinter).
         self.stream = isatty(self.out) if stream is None else stream
@@ -168,8 +165,6 @@ class Chat:
                 for reply in stream:
                     if self.stream:
                         self._write(self.out, printer.update(reply))
-                    if self.delay:
-                        time.sleep(self.delay)
         except KeyboardInterrupt:
             if stream is not None:
                 stream.close()
@@ -302,7 +297,7 @@ def main(argv: list[str] | None = None, prog: str = "glm-chat") -> int:
     check_model_args(parser, args)
     try:
         m = load_from_args(args)
-        chat = Chat(m, settings_from_args(args), prog=prog, delay_ms=args.delay_ms)
+        chat = Chat(m, settings_from_args(args), prog=prog)
         if args.prompt is not None:
             return chat.once(args.prompt)
         if isatty(sys.stdin):

@@ -144,9 +144,6 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--greedy", action="store_true", help="always pick the likeliest token (deterministic)")
     g.add_argument("--seed", type=seed_type, default=None, metavar="N",
                    help="seed every reply's sampling (reproducible)")
-    # Test hook, hidden from --help: sleeps between streamed tokens (the replies themselves are unchanged) so
-    # that a test can press Ctrl+C or Stop in the middle of a reply of the tiny, very fast test model.
-    g.add_argument("--delay-ms", type=count_type(0, 10_000), default=0, help=argparse.SUPPRESS)
 
 
 def check_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -6,7 +6,6 @@ row and settings, and joins the decode batch as soon as a row is free. Endpoints
 prometheus_client are imported only here.
 """
 
-import argparse
 import asyncio
 import hmac
 import json
@@ -50,8 +49,6 @@ def build_parser(prog: str = "glm-serve") -> ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1/ requests")
     g.add_argument("--model-name", default=None, metavar="NAME",
                    help="the model id clients send and /v1/models lists (default: the checkpoint's name)")
-    # Test hook, hidden from --help: sleeps in every decode step, so that a test can drop a stream mid-reply.
-    g.add_argument("--delay-ms", type=count_type(0, 10_000), default=0, help=argparse.SUPPRESS)
     add_model_args(p)
     return p
 
@@ -106,7 +103,7 @@ class Metrics:
         scheduler.step_hooks.append(self.batch.observe)
 
 
-def create_app(m, name: str, api_key: str | None = None, delay_ms: int = 0):
+def create_app(m, name: str, api_key: str | None = None):
     """The FastAPI app serving `m` (a loaded ChatGLM) under the model id `name`."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -121,8 +118,6 @@ def create_app(m, name: str, api_key: str | None = None, delay_ms: int = 0):
     sched = m.scheduler
     metrics = Metrics(sched)
     created = int(time.time())
-    if delay_ms:
-        sched.step_hooks.append(lambda _: time.sleep(delay_ms / 1000))
 
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
@@ -385,7 +380,7 @@ def main(argv: list[str] | None = None, prog: str = "glm-serve") -> int:
     except KeyboardInterrupt:
         return 130
     name = args.model_name or model_name(args.model)
-    app = create_app(m, name, api_key=args.api_key, delay_ms=args.delay_ms)
+    app = create_app(m, name, api_key=args.api_key)
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format=f"{prog}: %(message)s")

@@ -16,7 +16,6 @@ import logging
 import os
 import sys
 import threading
-import time
 from collections import deque
 
 from glm.options import (
@@ -87,10 +86,9 @@ class ChatBackend:
 
     MAX_QUEUED = 8  # messages a session may have waiting behind its running reply
 
-    def __init__(self, m, settings, delay_ms: int = 0):
+    def __init__(self, m, settings):
         self.m = m
         self.defaults = settings  # a GenerationConfig: the option defaults, of which the page sets three
-        self.delay = delay_ms / 1000
         self._inbox: dict[str, deque[str]] = {}
         self._lock = threading.Lock()
 
@@ -145,8 +143,6 @@ class ChatBackend:
         try:
             for reply in stream:
                 yield kept + [(query, reply)], transcript + [(query, reply)]
-                if self.delay:
-                    time.sleep(self.delay)
         finally:
             stream.close()
 
@@ -269,7 +265,7 @@ def main(argv: list[str] | None = None, prog: str = "glm-web") -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    backend = ChatBackend(m, settings_from_args(args), delay_ms=args.delay_ms)
+    backend = ChatBackend(m, settings_from_args(args))
     demo = build_app(backend, subtitle=summary(m, model_name(args.model)).removeprefix("glm: "))
     # One reply per cache row at a time (the scheduler batches them); max_size bounds the waiting line: past it a
     # new request is refused at once instead of waiting for minutes.

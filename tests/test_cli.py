@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from glm_testutil import entry_point
 
 from glm import cli
 from glm.chat import build_prompt, fit_history, fit_turn, reply_reserve, stream_reply
@@ -47,9 +48,11 @@ def run(*args, input=None, **extra_env) -> subprocess.CompletedProcess:
                           encoding="utf-8", cwd=ROOT, env=env(**extra_env), timeout=120)
 
 
-def spawn(*args):
-    child = pexpect.spawn(sys.executable, ["-m", "glm", "--model", str(TINY), *args], cwd=str(ROOT), env=env(),
-                          encoding="utf-8", timeout=60, dimensions=(50, 400))
+def spawn(*args, delay_ms: float = 0):
+    """glm-chat in a pseudo-terminal, at its first prompt; `delay_ms`: every decode step sleeps that long."""
+    python, *cmd = entry_point("glm", delay_ms)
+    child = pexpect.spawn(python, [*cmd, "--model", str(TINY), *args], cwd=str(ROOT), env=env(), encoding="utf-8",
+                          timeout=60, dimensions=(50, 400))
     child.expect_exact("User: ")
     return child
 
@@ -116,8 +119,8 @@ def test_terminal_replies_equal_golden_turn_by_turn_then_clear_and_stop(chatglm_
 
 
 def test_terminal_ctrl_c_stops_the_reply_and_keeps_the_session():
-    # --delay-ms (hidden, CLI only) paces the tiny model's tokens to 60 ms so that Ctrl+C lands mid-reply.
-    child = spawn("--greedy", "--delay-ms", "60")
+    # Decode steps paced to 60 ms (tests/slow_launch.py), so that Ctrl+C lands mid-reply.
+    child = spawn("--greedy", delay_ms=60)
     try:
         child.sendline(FIRST["query"])
         child.expect_exact("ChatGLM: ")
@@ -246,6 +249,17 @@ def test_error_bad_option_values(args, needle):
     assert needle in line
 
 
+def test_delay_ms_is_not_an_option():
+    """Pacing the tiny model for the tests is tests/slow_launch.py's business: no entry point takes --delay-ms."""
+    from glm import serve, web
+
+    for mod in (cli, web, serve):
+        with pytest.raises(SystemExit):
+            mod.build_parser().parse_args(["--delay-ms", "5"])
+    line = one_line_error(run("--model", str(TINY), "--delay-ms", "5", "--prompt", "hi"), 2)
+    assert "unrecognized arguments: --delay-ms 5" in line
+
+
 def test_error_out_of_memory_while_loading(monkeypatch, capsys):
     import torch
 
@@ -353,7 +367,6 @@ def test_help_is_fast_and_lists_the_options():
                 "--top-p", "--temperature", "--top-k", "--repetition-penalty", "--greedy", "--seed", "--prompt",
                 "--cpu-kernel", "--quant-lm-head", "--max-context", "--ptuning"):
         assert opt in r.stdout
-    assert "--delay-ms" not in r.stdout  # a test hook, not an option for users
     from glm.loader import DEFAULT_MODEL
 
     assert cli.DEFAULT_MODEL == DEFAULT_MODEL

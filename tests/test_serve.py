@@ -34,8 +34,8 @@ QUERIES = ["你好", "晚上睡不着应该怎么办", "Tell me more, please.", 
 class Server(ServerProcess):
     """glm-serve as a real process (see ServerProcess), with the official client and its metrics."""
 
-    def __init__(self, *args: str, log: Path):
-        super().__init__("glm.serve", *args, log=log, health="/health")
+    def __init__(self, *args: str, log: Path, delay_ms: float = 0):
+        super().__init__("glm.serve", *args, log=log, health="/health", delay_ms=delay_ms)
 
     def client(self, key: str = "none", **kw):
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120, **kw)
@@ -207,7 +207,7 @@ def test_prompt_over_the_context_is_400_through_the_client(server):
 
 
 def test_a_dropped_stream_frees_its_row(tmp_path):
-    srv = Server("--max-batch", "2", "--delay-ms", "20", log=tmp_path / "server.log").wait()
+    srv = Server("--max-batch", "2", log=tmp_path / "server.log", delay_ms=20).wait()
     try:
         req = urllib.request.Request(srv.url + "/v1/chat/completions", method="POST",
                                      headers={"Content-Type": "application/json"},
@@ -228,8 +228,8 @@ def test_a_dropped_stream_frees_its_row(tmp_path):
 
 
 def test_api_key_and_full_queue(tmp_path):
-    srv = Server("--api-key", "s3cret", "--max-batch", "1", "--max-waiting", "1", "--delay-ms", "20",
-                 log=tmp_path / "server.log").wait()
+    srv = Server("--api-key", "s3cret", "--max-batch", "1", "--max-waiting", "1", log=tmp_path / "server.log",
+                 delay_ms=20).wait()
     try:
         with pytest.raises(openai.AuthenticationError):
             srv.client().models.list()

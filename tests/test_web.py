@@ -28,8 +28,8 @@ pytest.importorskip("gradio")
 class WebServer(ServerProcess):
     """glm-web as a real process (see ServerProcess); its page is the health check."""
 
-    def __init__(self, *args: str, log: Path):
-        super().__init__("glm.web", *args, log=log, url_suffix="/")
+    def __init__(self, *args: str, log: Path, delay_ms: float = 0):
+        super().__init__("glm.web", *args, log=log, url_suffix="/", delay_ms=delay_ms)
 
 
 def client(server):
