@@ -20,7 +20,7 @@ from glm_testutil import entry_point
 
 from glm import cli
 from glm.chat import build_prompt, fit_history, fit_turn, reply_reserve, stream_reply
-from glm.generation import GenerationConfig
+from glm.generation import CHAT_DEFAULTS, GenerationConfig, GenerationError
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "fixtures" / "chatglm-tiny"
@@ -227,10 +227,12 @@ def test_error_cuda_without_cuda():
 
 @pytest.mark.parametrize("args, needle", [
     (["--top-p", "1.5"], "argument --top-p: must be a number in (0, 1]"),
-    (["--top-p", "nan"], "argument --top-p: expected a number"),
+    (["--top-p", "nan"], "argument --top-p: must be a number in (0, 1], got nan"),
+    (["--top-p", "x"], "argument --top-p: expected a number, got 'x'"),
     (["--max-length", "0"], "argument --max-length: must be a positive"),
     (["--temperature", "-1"], "argument --temperature: must be a number >= 0"),
-    (["--seed", "99999999999999999999999"], "argument --seed: expected an integer in [0, 2**64)"),
+    (["--seed", "99999999999999999999999"], "argument --seed: must be an integer in [0, 2**64)"),
+    (["--seed", "x"], "argument --seed: expected an integer or none, got 'x'"),
     (["--max-context", "1"], "argument --max-context: expected an integer in [2, 1048576]"),
     (["--top-k", "x"], "argument --top-k: expected an integer"),
     (["--repetition-penalty", "0"], "argument --repetition-penalty: must be a number > 0"),
@@ -247,6 +249,45 @@ def test_error_bad_option_values(args, needle):
     at_load = args[0] == "--device" or args == ["--cpu-kernel", "fast"] or args == ["--quant-lm-head"]
     line = one_line_error(r, 1 if at_load else 2)  # these are checked when the model loads
     assert needle in line
+
+
+@pytest.mark.parametrize("option, value", [
+    ("max-length", "0"), ("max-length", "-3"), ("top-p", "0"), ("top-p", "1.5"), ("top-p", "inf"),
+    ("temperature", "-1"), ("temperature", "nan"), ("top-k", "-1"), ("repetition-penalty", "0"),
+    ("repetition-penalty", "-inf"), ("seed", "-1"), ("seed", str(2**64)),
+])
+def test_option_range_errors_are_generation_config_messages(option, value, capsys):
+    """Each option's range is GenerationConfig's, and its message is the error: at the command line (argparse's
+    one line) and in /set."""
+    field = option.replace("-", "_")
+    with pytest.raises(GenerationError) as e:
+        GenerationConfig(**{field: (int if field in ("max_length", "top_k", "seed") else float)(value)})
+    why = str(e.value).removeprefix(f"{field} ")
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args([f"--{option}={value}"])  # "=": argparse takes "-1" alone for an option
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"glm-chat: error: argument --{option}: {why} (see --help)\n"
+    out, err = io.StringIO(), io.StringIO()
+    chat = cli.Chat(None, GREEDY, out=out, err=err)
+    chat.command(f"/set {option} {value}")
+    assert err.getvalue() == f"glm-chat: error: {option}: {why}\n" and chat.s == GREEDY
+
+
+def test_defaults_are_the_official_chats():
+    """Options not given take CHAT_DEFAULTS' values; --greedy only turns sampling off."""
+    assert cli.settings_from_args(cli.build_parser().parse_args([])) == CHAT_DEFAULTS
+    assert cli.settings_from_args(cli.build_parser().parse_args(["--greedy"])) == CHAT_DEFAULTS.replace(
+        do_sample=False)
+    args = cli.build_parser().parse_args(["--top-p", "0.5", "--seed", "3", "--max-length", "99"])
+    assert cli.settings_from_args(args) == CHAT_DEFAULTS.replace(top_p=0.5, seed=3, max_length=99)
+
+
+def test_documented_defaults_are_chat_defaults():
+    table = (ROOT / "docs" / "cli.md").read_text()
+    for option, field in (("--max-length N", "max_length"), ("--top-p P", "top_p"), ("--temperature T", "temperature"),
+                          ("--top-k K", "top_k"), ("--repetition-penalty R", "repetition_penalty")):
+        (value,) = re.findall(rf"^\| `{re.escape(option)}` \| ([^|]+) \|", table, re.M)
+        assert float(value) == getattr(CHAT_DEFAULTS, field), option
 
 
 def test_delay_ms_is_not_an_option():

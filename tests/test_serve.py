@@ -181,6 +181,10 @@ MSG = [{"role": "user", "content": "你好"}]
     (dict(model=NAME, messages=MSG, seed=-3), 400, "'seed' must be"),
     (dict(model=NAME, messages=MSG, stop=[""]), 400, "'stop' must be"),
     (dict(model=NAME, messages=MSG, n=2), 400, "'n' must be"),
+    (dict(model=NAME, messages=MSG, temperature="hot"), 400, "'temperature' must be a number, got \"hot\""),
+    (dict(model=NAME, messages=MSG, top_k=1.5), 400, "'top_k' must be an integer, got 1.5"),
+    (dict(model=NAME, messages=MSG, max_completion_tokens=0), 400, "'max_completion_tokens' must be a positive"),
+    (dict(model=NAME, messages=MSG, stop=["a"] * 17), 400, "'stop' may hold up to 16 strings"),
     (dict(model=NAME, messages=[]), 400, "'messages' must be a non-empty list"),
     (dict(model=NAME), 400, "'messages' must be a non-empty list"),
     (dict(model=NAME, messages=[{"role": "assistant", "content": "hi"}]), 400, "must alternate user and assistant"),
@@ -199,6 +203,38 @@ def test_errors_are_openai_style_and_the_server_goes_on(server, body, status, ne
     assert code == status and needle in out["error"]["message"], out
     assert set(out["error"]) >= {"message", "type", "code"}
     assert ask(server.client(), "你好", 4, False)[1] in ("stop", "length")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", -1), ("temperature", -0.5), ("top_p", 0), ("top_p", 1.5), ("top_k", -1),
+    ("repetition_penalty", 0), ("repetition_penalty", -2.5), ("seed", -3), ("seed", 2**64), ("stop", [""]),
+    ("stop", 5), ("max_tokens", 0), ("max_tokens", -7),
+])
+def test_setting_errors_are_generation_config_messages(server, field, value):
+    """The server checks the JSON types; the ranges are GenerationConfig's, and so is the message."""
+    from glm.generation import GenerationConfig, GenerationError
+
+    with pytest.raises(GenerationError) as e:
+        GenerationConfig(**{{"max_tokens": "max_new_tokens"}.get(field, field): value})
+    why = str(e.value).partition(" ")[2]
+    code, out = _post(server, "/v1/chat/completions", {"model": NAME, "messages": MSG, "max_tokens": 4, field: value})
+    assert code == 400 and out["error"]["message"] == f"'{field}' {why}" and out["error"]["param"] == field, out
+
+
+def test_large_settings_work_and_defaults_are_the_official_chats(server, chatglm_tiny):
+    """No cap of the server's own: values past it are clamped safely by the engine. A request that leaves the
+    sampling settings out is sampled as the official chat samples (CHAT_DEFAULTS): a seeded one is the engine's."""
+    from glm.generation import CHAT_DEFAULTS
+
+    c = server.client()
+    for kw in (dict(temperature=1000.0), dict(repetition_penalty=1000), dict(temperature=1e300, top_k=10**30)):
+        r = c.chat.completions.create(model=NAME, messages=MSG, max_tokens=8, seed=1, extra_body=kw)
+        assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1
+    r = c.chat.completions.create(model=NAME, messages=MSG, max_tokens=24, seed=11)
+    assert CHAT_DEFAULTS.do_sample
+    settings = dict(do_sample=True, temperature=CHAT_DEFAULTS.temperature, top_p=CHAT_DEFAULTS.top_p,
+                    top_k=CHAT_DEFAULTS.top_k, repetition_penalty=CHAT_DEFAULTS.repetition_penalty)
+    assert r.choices[0].message.content == solo(chatglm_tiny, "你好", 24, seed=11, **settings)[0]
 
 
 def test_prompt_over_the_context_is_400_through_the_client(server):
