@@ -19,6 +19,7 @@ from glm.options import (
     isatty,
     load_from_args,
     max_length_type,
+    model_name,
     repetition_penalty_type,
     seed_type,
     settings_from_args,
@@ -80,12 +81,14 @@ def _on_off(s: str) -> bool:
 class Chat:
     """One conversation on a loaded model: reads queries, streams replies, keeps the history within bounds."""
 
-    def __init__(self, m, settings, *, out=None, err=None, prog: str = "glm-chat", stream: bool | None = None):
+    def __init__(self, m, settings, *, out=None, err=None, prog: str = "glm-chat", name: str = "the model",
+                 stream: bool | None = None):
         self.m = m
         self.s = settings  # a GenerationConfig; /set replaces it
         self.out = out if out is not None else sys.stdout
         self.err = err if err is not None else sys.stderr
         self.prog = prog
+        self.name = name  # the model's, for the banner
         # Token by token for a person watching a terminal; into a pipe or file, each reply is written once, whole,
         # so that a script reads exactly the reply (the streamed text can differ in a rare corner, see ReplyPrinter).
         self.stream = isatty(self.out) if stream is None else stream
@@ -205,8 +208,8 @@ class Chat:
             import readline  # noqa: F401 - importing it gives input() line editing and a history of inputs
         except ImportError:  # pragma: no cover - e.g. Windows
             pass
-        self._write(self.err, "Chat with ChatGLM-6B: type a message. 'clear' starts over, 'stop' or Ctrl+D exits, "
-                              "Ctrl+C stops a reply, /help for more.\n")
+        self._write(self.err, f"Chat with {self.name}: type a message. 'clear' starts over, 'stop' or Ctrl+D "
+                              "exits, Ctrl+C stops a reply, /help for more.\n")
         interrupted = False
         while True:
             try:
@@ -297,7 +300,7 @@ def main(argv: list[str] | None = None, prog: str = "glm-chat") -> int:
     check_model_args(parser, args)
     try:
         m = load_from_args(args)
-        chat = Chat(m, settings_from_args(args), prog=prog)
+        chat = Chat(m, settings_from_args(args), prog=prog, name=model_name(args.model))
         if args.prompt is not None:
             return chat.once(args.prompt)
         if isatty(sys.stdin):

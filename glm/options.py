@@ -169,8 +169,9 @@ def oom_message(doing: str, args) -> str:
     return f"out of memory {doing} on {getattr(args, 'device', '?')}: try {hint}, or another --device"
 
 
-def summary(m, name: str) -> str:
-    """The one line printed after loading: what runs where, and how big it is."""
+def summary(m, name: str, ptuning: str | None = None) -> str:
+    """The one line printed after loading: what runs where, and how big it is; `ptuning`: the folder of the P-Tuning
+    prefix applied (`--ptuning`), if any."""
     q = m.config.quantization_bit
     gs = getattr(m.config, "quantization_group_size", None)
     quant = f"int{q}" + (f" (group size {gs})" if gs else "") if q else "no quant"
@@ -178,6 +179,8 @@ def summary(m, name: str) -> str:
         quant += " with the output layer"
     if m.device.type == "cpu" and any(getattr(mod, "cpu_kernel", None) == "fast" for mod in m.model.modules()):
         quant += ", fast CPU kernel"
+    if m.config.pre_seq_len:  # set by a prefix applied with --ptuning, or stored with the checkpoint
+        quant += f", P-Tuning prefix {m.config.pre_seq_len}" + (f" from {ptuning}" if ptuning else "")
     dtype = str(m.dtype).removeprefix("torch.")
     return (f"glm: {name} on {m.device}, {dtype}, {quant}, {_human_bytes(m.memory_bytes())} weights, "
             f"loaded in {m.load_seconds:.1f} s")
@@ -215,7 +218,7 @@ def load_from_args(args: argparse.Namespace, log=None, max_batch: int = 1, max_w
         raise
     if m.tokenizer is None:
         raise CLIError(f"{m.path} has no ice_text.model (the tokenizer), so it cannot chat: use a full checkpoint")
-    print(summary(m, model_name(args.model)), file=log, flush=True)
+    print(summary(m, model_name(args.model), getattr(args, "ptuning", None)), file=log, flush=True)
     return m
 
 

@@ -163,7 +163,8 @@ class ChatBackend:
             stream.close()
 
 
-def build_app(backend: ChatBackend, title: str = "ChatGLM-6B", subtitle: str = ""):
+def build_app(backend: ChatBackend, title: str, subtitle: str = ""):
+    """The page; `title`: the model's name, `subtitle`: a line under it."""
     import gradio as gr
 
     import glm
@@ -287,7 +288,8 @@ def main(argv: list[str] | None = None, prog: str = "glm-web") -> int:
     except KeyboardInterrupt:
         return 130
     backend = ChatBackend(m, settings_from_args(args))
-    demo = build_app(backend, subtitle=summary(m, model_name(args.model)).removeprefix("glm: "))
+    name = model_name(args.model)
+    demo = build_app(backend, name, subtitle=summary(m, name, args.ptuning).removeprefix("glm: "))
     # One reply per cache row at a time (the scheduler batches them); max_size bounds the waiting line: past it a
     # new request is refused at once instead of waiting for minutes.
     demo.queue(default_concurrency_limit=args.max_batch, max_size=64)

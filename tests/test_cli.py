@@ -90,6 +90,7 @@ def set_max_length(child, n: int) -> None:
 def test_terminal_replies_equal_golden_turn_by_turn_then_clear_and_stop(chatglm_tiny):
     child = spawn("--greedy")
     try:
+        assert "Chat with chatglm-tiny: type a message." in child.before  # the loaded model's name
         for turn in TURNS[:4]:  # the history carried from turn to turn is the CLI's own
             set_max_length(child, turn["max_length"])
             assert ask(child, turn["query"]) == turn["response"]
@@ -417,6 +418,22 @@ def test_summary_line():
     r = run("--model", str(TINY), "--greedy", "--prompt", "你好")
     assert re.fullmatch(r"glm: chatglm-tiny on cpu, float32, no quant, 16\.7 MB weights, loaded in \d+\.\d s\n",
                         r.stderr), r.stderr
+
+
+def test_summary_line_names_the_p_tuning_prefix():
+    prefix = ROOT / "tests/fixtures/chatglm-tiny-ptuning-train/prefix"
+    r = run("--model", str(TINY), "--ptuning", str(prefix), "--greedy", "--max-length", "12", "--prompt", "你好")
+    assert r.returncode == 0, r.stderr
+    head = f"glm: chatglm-tiny on cpu, float32, no quant, P-Tuning prefix 4 from {prefix}, "
+    assert re.fullmatch(re.escape(head) + r"\d+\.\d MB weights, loaded in \d+\.\d s\n", r.stderr), r.stderr
+
+
+def test_summary_names_a_prefix_of_unknown_folder():
+    import glm
+    from glm.options import summary
+
+    m = glm.load(ROOT / "tests/fixtures/glm-tiny", ptuning=ROOT / "tests/fixtures/glm-tiny-ptuning")
+    assert ", no quant, P-Tuning prefix 6, " in summary(m, "glm-tiny")
 
 
 def _quant_available() -> bool:

@@ -117,6 +117,15 @@ def test_page_renders_markdown_and_keeps_html_sanitized(server):
     assert bot["props"]["sanitize_html"] is True
 
 
+def test_page_title_is_the_model_name(server):
+    with urllib.request.urlopen(server.url + "config", timeout=10) as r:
+        config = json.load(r)
+    assert config["title"] == "chatglm-tiny"
+    (heading,) = [c["props"]["value"] for c in config["components"] if c.get("type") == "markdown"
+                  and c["props"]["value"].startswith("## ")]
+    assert heading.startswith("## chatglm-tiny\nchatglm-tiny on cpu, float32, no quant, ")
+
+
 def test_server_log(server):
     log = server.log.read_text()
     assert "glm: chatglm-tiny on cpu, float32, no quant" in log
