@@ -302,16 +302,47 @@ def main(argv: list[str] | None = None, prog: str = "glm-chat") -> int:
         m = load_from_args(args)
         chat = Chat(m, settings_from_args(args), prog=prog, name=model_name(args.model))
         if args.prompt is not None:
-            return chat.once(args.prompt)
-        if isatty(sys.stdin):
-            return chat.interactive()
-        return chat.piped(sys.stdin)
+            code = chat.once(args.prompt)
+        elif isatty(sys.stdin):
+            code = chat.interactive()
+        else:
+            code = chat.piped(sys.stdin)
+        _leave_at_once_on_ctrl_c(code)  # in the try: a Ctrl+C before it is done is the except's below
+        return code
     except CLIError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # while loading, or in piped / --prompt mode
+        _leave_at_once_on_ctrl_c(130)
         print(file=sys.stderr)
         return 130
+
+
+def _leave_at_once_on_ctrl_c(code: int) -> None:
+    """From now on Ctrl+C ends the process at once with `code`, and prints nothing.
+
+    The session is over, but exiting takes a moment: threading's shutdown, the scheduler's atexit hook (which waits
+    for its thread to finish the step it is in), torch's atexit finalizers. Ctrl+C pressed again meanwhile (by a
+    user who pressed it three times quickly to stop a reply and leave) raises KeyboardInterrupt inside one of
+    them, which Python reports with a traceback ("Exception ignored in atexit callback: ..."). Not set before the
+    session has run, so that a process that calls `main` itself (a test) keeps its Ctrl+C on the error paths.
+    """
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works in the main thread only
+        return
+
+    def leave(signum, frame):
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it anyway
+                pass
+        os._exit(code)
+
+    signal.signal(signal.SIGINT, leave)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -157,6 +157,33 @@ def test_terminal_ctrl_c_stops_the_reply_and_keeps_the_session():
     assert child.exitstatus == 0
 
 
+def test_terminal_ctrl_c_pressed_quickly_to_stop_and_leave_prints_no_traceback():
+    """Ctrl+C pressed again and again, quickly, while a reply streams: the first stops the reply, the next warns,
+    the next exits, and those after it land while the program exits (the scheduler's thread being joined, torch's
+    atexit finalizers), where none may print a traceback."""
+    import time
+
+    child = spawn("--greedy", delay_ms=60)
+    try:
+        child.sendline("晚上睡不着应该怎么办")  # its reply is 139 tokens: over 8 s at 60 ms a step
+        child.expect_exact("ChatGLM: ")
+        time.sleep(0.3)  # a few tokens have streamed
+        for _ in range(8):
+            child.sendintr()
+            time.sleep(0.02)
+        # Signals that arrive closer together than the program runs are one: press on until it has exited.
+        for _ in range(10):
+            if child.expect([pexpect.EOF, pexpect.TIMEOUT], timeout=3) == 0:
+                break
+            child.sendintr()
+        out = ANSI.sub("", child.before)
+    finally:
+        child.close(force=True)
+    assert " [stopped]" in out and "(Ctrl+C again, 'stop' or Ctrl+D to exit)" in out, out
+    assert "Traceback" not in out and "Exception ignored" not in out, out
+    assert child.exitstatus == 0 and child.signalstatus is None, out
+
+
 # ---------------------------------------------------------------------------------------------------- pipes
 
 
