@@ -6,6 +6,7 @@ row and settings, and joins the decode batch as soon as a row is free. Endpoints
 prometheus_client are imported only here.
 """
 
+import argparse
 import asyncio
 import hmac
 import json
@@ -52,7 +53,8 @@ def build_parser(prog: str = "glm-serve") -> ArgumentParser:
     g.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/ requests")
     g.add_argument("--model-name", default=None, metavar="NAME",
-                   help="the model id clients send and /v1/models lists (default: the checkpoint's name)")
+                   help="the model id clients send and /v1/models lists (default: the checkpoint's name without "
+                        "its Hub owner, e.g. chatglm-6b)")
     add_model_args(p)
     return p
 
@@ -105,6 +107,12 @@ class Metrics:
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.finished = Counter("glm_requests", "Requests ended, by finish reason", ["finish_reason"], registry=r)
         scheduler.step_hooks.append(self.batch.observe)
+
+
+def served_name(args: argparse.Namespace) -> str:
+    """The model id clients send: --model-name, else the checkpoint's name without its Hub owner (chatglm-6b for
+    THUDM/chatglm-6b, as clients written for ChatGLM-6B send it; chatglm-tiny for tests/fixtures/chatglm-tiny)."""
+    return args.model_name or model_name(args.model).rpartition("/")[2]
 
 
 def create_app(m, name: str, api_key: str | None = None):
@@ -390,7 +398,7 @@ def main(argv: list[str] | None = None, prog: str = "glm-serve") -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    name = args.model_name or model_name(args.model)
+    name = served_name(args)
     app = create_app(m, name, api_key=args.api_key)
     import uvicorn
 

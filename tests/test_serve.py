@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -306,6 +307,51 @@ def test_load_64_requests_16_at_a_time(server, chatglm_tiny):
     assert time.monotonic() - t0 < 300
     assert got == expect
     assert server.metrics()["glm_requests_running"] == 0
+
+
+def readme_serving_snippets() -> tuple[list[str], str, str]:
+    """README's "Serving" section: the arguments of its tiny-model glm-serve command, its curl command and its
+    Python snippet, exactly as written there."""
+    import shlex
+
+    section = (ROOT / "README.md").read_text().split("## Serving", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(\w+)\n(.*?)```", section, re.S)
+    (command,) = [ln for lang, b in blocks if lang == "bash" for ln in b.splitlines()
+                  if ln.startswith("glm-serve --model tests/fixtures/chatglm-tiny")]
+    (curl,) = [b for lang, b in blocks if lang == "bash" and b.startswith("curl ")]
+    (python,) = [b for lang, b in blocks if lang == "python"]
+    return shlex.split(command, comments=True)[1:], curl, python
+
+
+def test_readme_serving_snippets_work_as_written(tmp_path, capsys):
+    """The README's tiny-model server answers the README's curl command and openai snippet (the model id they send
+    included); only the port differs, a free one instead of 8000."""
+    args, curl, python = readme_serving_snippets()
+    i = args.index("--port")
+    assert args[i + 1] == "8000" and "http://127.0.0.1:8000/v1" in curl and "http://127.0.0.1:8000/v1" in python
+    del args[i : i + 2]
+    srv = Server(*args, log=tmp_path / "server.log").wait()
+    try:
+        if shutil.which("curl"):
+            r = subprocess.run(["bash", "-c", curl.replace("http://127.0.0.1:8000", srv.url)], capture_output=True,
+                               text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+            events = [json.loads(ln[6:]) for ln in r.stdout.splitlines() if ln.startswith("data: {")]
+            assert r.stdout.rstrip().endswith("data: [DONE]") and "error" not in events[-1], r.stdout
+            assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+        exec(python.replace("http://127.0.0.1:8000", srv.url), {})
+        assert capsys.readouterr().out.strip()  # the reply
+    finally:
+        srv.stop()
+
+
+def test_served_model_id_is_the_checkpoint_name_without_its_owner():
+    from glm.serve import build_parser, served_name
+
+    assert served_name(build_parser().parse_args([])) == "chatglm-6b"  # README's and docs/serve.md's snippets
+    assert served_name(build_parser().parse_args(["--model", "THUDM/chatglm-6b-int4"])) == "chatglm-6b-int4"
+    assert served_name(build_parser().parse_args(["--model", str(TINY)])) == NAME
+    assert served_name(build_parser().parse_args(["--model-name", "x/y"])) == "x/y"
 
 
 def test_bind_errors_are_one_line():
