@@ -61,6 +61,19 @@ def test_golden_replies_turn_by_turn(server):
     assert [text(m) for m in messages] == [TURNS[4]["query"], TURNS[4]["response"]]
 
 
+def test_docs_gradio_client_snippet_prints_the_reply(server, capsys):
+    """docs/cli.md's gradio_client snippet, run as written against the real page (its URL aside): it prints the
+    reply's text (its max length, top-p and temperature on this --greedy server: the golden reply)."""
+    import re
+
+    docs = (ROOT / "docs" / "cli.md").read_text()
+    (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", docs, re.S) if "gradio_client" in b]
+    assert 'Client("http://127.0.0.1:7860/")' in snippet
+    exec(snippet.replace("http://127.0.0.1:7860/", server.url), {})
+    out = capsys.readouterr().out
+    assert out.endswith("\n" + FIRST["response"] + "\n"), out  # after gradio_client's "Loaded as API: ..."
+
+
 def test_concurrent_sessions_keep_their_own_histories(server, chatglm_tiny):
     # Session A follows the golden turns; session B has another conversation, whose replies the engine gives here.
     a_turns = [(t["query"], t["max_length"], t["response"]) for t in TURNS[:2]]
