@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import warnings
 
 from glm.options import (
@@ -20,6 +19,7 @@ from glm.options import (
     isatty,
     load_from_args,
     max_length_type,
+    model_name,
     repetition_penalty_type,
     seed_type,
     settings_from_args,
@@ -81,14 +81,14 @@ def _on_off(s: str) -> bool:
 class Chat:
     """One conversation on a loaded model: reads queries, streams replies, keeps the history within bounds."""
 
-    def __init__(self, m, settings, *, out=None, err=None, prog: str = "glm-chat", delay_ms: int = 0,
+    def __init__(self, m, settings, *, out=None, err=None, prog: str = "glm-chat", name: str = "the model",
                  stream: bool | None = None):
         self.m = m
         self.s = settings  # a GenerationConfig; /set replaces it
         self.out = out if out is not None else sys.stdout
         self.err = err if err is not None else sys.stderr
         self.prog = prog
-        self.delay = delay_ms / 1000
+        self.name = name  # the model's, for the banner
         # Token by token for a person watching a terminal; into a pipe or file, each reply is written once, whole,
         # so that a script reads exactly the reply (the streamed text can differ in a rare corner, see ReplyPrinter).
         self.stream = isatty(self.out) if stream is None else stream
@@ -168,8 +168,6 @@ class Chat:
                 for reply in stream:
                     if self.stream:
                         self._write(self.out, printer.update(reply))
-                    if self.delay:
-                        time.sleep(self.delay)
         except KeyboardInterrupt:
             if stream is not None:
                 stream.close()
@@ -210,8 +208,8 @@ class Chat:
             import readline  # noqa: F401 - importing it gives input() line editing and a history of inputs
         except ImportError:  # pragma: no cover - e.g. Windows
             pass
-        self._write(self.err, "Chat with ChatGLM-6B: type a message. 'clear' starts over, 'stop' or Ctrl+D exits, "
-                              "Ctrl+C stops a reply, /help for more.\n")
+        self._write(self.err, f"Chat with {self.name}: type a message. 'clear' starts over, 'stop' or Ctrl+D "
+                              "exits, Ctrl+C stops a reply, /help for more.\n")
         interrupted = False
         while True:
             try:
@@ -302,18 +300,49 @@ def main(argv: list[str] | None = None, prog: str = "glm-chat") -> int:
     check_model_args(parser, args)
     try:
         m = load_from_args(args)
-        chat = Chat(m, settings_from_args(args), prog=prog, delay_ms=args.delay_ms)
+        chat = Chat(m, settings_from_args(args), prog=prog, name=model_name(args.model))
         if args.prompt is not None:
-            return chat.once(args.prompt)
-        if isatty(sys.stdin):
-            return chat.interactive()
-        return chat.piped(sys.stdin)
+            code = chat.once(args.prompt)
+        elif isatty(sys.stdin):
+            code = chat.interactive()
+        else:
+            code = chat.piped(sys.stdin)
+        _leave_at_once_on_ctrl_c(code)  # in the try: a Ctrl+C before it is done is the except's below
+        return code
     except CLIError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # while loading, or in piped / --prompt mode
+        _leave_at_once_on_ctrl_c(130)
         print(file=sys.stderr)
         return 130
+
+
+def _leave_at_once_on_ctrl_c(code: int) -> None:
+    """From now on Ctrl+C ends the process at once with `code`, and prints nothing.
+
+    The session is over, but exiting takes a moment: threading's shutdown, the scheduler's atexit hook (which waits
+    for its thread to finish the step it is in), torch's atexit finalizers. Ctrl+C pressed again meanwhile (by a
+    user who pressed it three times quickly to stop a reply and leave) raises KeyboardInterrupt inside one of
+    them, which Python reports with a traceback ("Exception ignored in atexit callback: ..."). Not set before the
+    session has run, so that a process that calls `main` itself (a test) keeps its Ctrl+C on the error paths.
+    """
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works in the main thread only
+        return
+
+    def leave(signum, frame):
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it anyway
+                pass
+        os._exit(code)
+
+    signal.signal(signal.SIGINT, leave)
 
 
 if __name__ == "__main__":  # pragma: no cover

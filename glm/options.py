@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
+
+from glm.errors import CLIError
 
 # torch (through glm.engine) is imported only once the options have parsed, so that `--help` and option errors
 # answer at once instead of after a second or two of imports.
@@ -17,10 +18,6 @@ from pathlib import Path
 DEFAULT_MODEL = "THUDM/chatglm-6b"  # glm.loader.DEFAULT_MODEL, repeated so that --help needs no torch (tested)
 
 History = list[tuple[str, str]]
-
-
-class CLIError(Exception):
-    """A problem to report as one line (`glm-chat: error: ...`), never as a traceback."""
 
 
 # ---------------------------------------------------------------------------------------------------- options
@@ -34,29 +31,26 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def _number(kind, s: str, what: str):
+    """`s` as an int or a float: a type check only (whether the value is in range is not this function's to say)."""
     try:
-        v = kind(s)
+        return kind(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
-    if isinstance(v, float) and not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
-    return v
 
 
-def max_length_type(s: str) -> int:
-    v = _number(int, s, "a positive integer")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive number of tokens, got {v}")
-    return v
-
-
-def _sampling_type(field: str, kind, what: str):
-    """An argparse type for one GenerationConfig field: parsed here, judged by GenerationConfig's own rules."""
+def setting_type(field: str, kind, none: tuple[str, ...] = ()):
+    """An argparse type for one GenerationConfig field: parsed here as `kind` (int or float), judged by
+    GenerationConfig itself, whose message (without the field name, which argparse puts in front) is the error.
+    Words in `none` stand for None. GenerationConfig is imported when an option is parsed, not with this module,
+    so that --help needs no torch."""
+    what = "an integer" if kind is int else "a number"
+    if none:
+        what += f" or {none[0]}"
 
     def parse(s: str):
         from glm.generation import GenerationConfig, GenerationError
 
-        v = _number(kind, s, what)
+        v = None if s.strip().lower() in none else _number(kind, s, what)
         try:
             GenerationConfig(**{field: v})
         except GenerationError as e:
@@ -67,19 +61,12 @@ def _sampling_type(field: str, kind, what: str):
     return parse
 
 
-top_p_type = _sampling_type("top_p", float, "a number in (0, 1]")
-temperature_type = _sampling_type("temperature", float, "a number >= 0")
-top_k_type = _sampling_type("top_k", int, "an integer >= 0")
-repetition_penalty_type = _sampling_type("repetition_penalty", float, "a number > 0")
-
-
-def seed_type(s: str) -> int | None:
-    if s.lower() in ("none", "off", ""):
-        return None
-    v = _number(int, s, "an integer in [0, 2**64) or none")
-    if not 0 <= v < 2**64:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64) or none, got {s!r}")
-    return v
+max_length_type = setting_type("max_length", int)
+top_p_type = setting_type("top_p", float)
+temperature_type = setting_type("temperature", float)
+top_k_type = setting_type("top_k", int)
+repetition_penalty_type = setting_type("repetition_penalty", float)
+seed_type = setting_type("seed", int, none=("none", "off", ""))
 
 
 def count_type(lo: int, hi: int):
@@ -128,25 +115,25 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    """How replies are generated: shared by glm-chat and glm-web (where the first three are slider defaults)."""
-    g = parser.add_argument_group("generation")
-    g.add_argument("--max-length", type=max_length_type, default=2048, metavar="N",
-                   help="tokens of prompt (history included) plus reply, per turn, as chat(max_length=...) "
-                        "(default: 2048)")
-    g.add_argument("--top-p", type=top_p_type, default=0.7, metavar="P",
-                   help="nucleus sampling threshold (default: 0.7)")
-    g.add_argument("--temperature", type=temperature_type, default=0.95, metavar="T",
-                   help="sampling temperature; 0 is greedy (default: 0.95)")
-    g.add_argument("--top-k", type=top_k_type, default=50, metavar="K",
-                   help="sample among the K likeliest tokens; 0: all (default: 50, as the official chat)")
-    g.add_argument("--repetition-penalty", type=repetition_penalty_type, default=1.0, metavar="R",
-                   help="> 1 discourages repeating tokens (default: 1.0, none)")
+    """How replies are generated: shared by glm-chat and glm-web (where the first three are slider defaults).
+
+    An option not given is None, and takes its value from `glm.generation.CHAT_DEFAULTS` (the official chat's
+    defaults) in `settings_from_args`: the numbers are written there only, not here, where importing them would
+    import torch and slow down --help.
+    """
+    g = parser.add_argument_group("generation (an option not given takes the official chat's value)")
+    g.add_argument("--max-length", type=max_length_type, default=None, metavar="N",
+                   help="tokens of prompt (history included) plus reply, per turn, as chat(max_length=...)")
+    g.add_argument("--top-p", type=top_p_type, default=None, metavar="P", help="nucleus sampling threshold")
+    g.add_argument("--temperature", type=temperature_type, default=None, metavar="T",
+                   help="sampling temperature; 0 is greedy")
+    g.add_argument("--top-k", type=top_k_type, default=None, metavar="K",
+                   help="sample among the K likeliest tokens; 0: all")
+    g.add_argument("--repetition-penalty", type=repetition_penalty_type, default=None, metavar="R",
+                   help="> 1 discourages repeating tokens; 1 is none")
     g.add_argument("--greedy", action="store_true", help="always pick the likeliest token (deterministic)")
     g.add_argument("--seed", type=seed_type, default=None, metavar="N",
-                   help="seed every reply's sampling (reproducible)")
-    # Test hook, hidden from --help: sleeps between streamed tokens (the replies themselves are unchanged) so
-    # that a test can press Ctrl+C or Stop in the middle of a reply of the tiny, very fast test model.
-    g.add_argument("--delay-ms", type=count_type(0, 10_000), default=0, help=argparse.SUPPRESS)
+                   help="seed every reply's sampling (reproducible); none: unseeded")
 
 
 def check_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -182,8 +169,9 @@ def oom_message(doing: str, args) -> str:
     return f"out of memory {doing} on {getattr(args, 'device', '?')}: try {hint}, or another --device"
 
 
-def summary(m, name: str) -> str:
-    """The one line printed after loading: what runs where, and how big it is."""
+def summary(m, name: str, ptuning: str | None = None) -> str:
+    """The one line printed after loading: what runs where, and how big it is; `ptuning`: the folder of the P-Tuning
+    prefix applied (`--ptuning`), if any."""
     q = m.config.quantization_bit
     gs = getattr(m.config, "quantization_group_size", None)
     quant = f"int{q}" + (f" (group size {gs})" if gs else "") if q else "no quant"
@@ -191,6 +179,8 @@ def summary(m, name: str) -> str:
         quant += " with the output layer"
     if m.device.type == "cpu" and any(getattr(mod, "cpu_kernel", None) == "fast" for mod in m.model.modules()):
         quant += ", fast CPU kernel"
+    if m.config.pre_seq_len:  # set by a prefix applied with --ptuning, or stored with the checkpoint
+        quant += f", P-Tuning prefix {m.config.pre_seq_len}" + (f" from {ptuning}" if ptuning else "")
     dtype = str(m.dtype).removeprefix("torch.")
     return (f"glm: {name} on {m.device}, {dtype}, {quant}, {_human_bytes(m.memory_bytes())} weights, "
             f"loaded in {m.load_seconds:.1f} s")
@@ -228,7 +218,7 @@ def load_from_args(args: argparse.Namespace, log=None, max_batch: int = 1, max_w
         raise
     if m.tokenizer is None:
         raise CLIError(f"{m.path} has no ice_text.model (the tokenizer), so it cannot chat: use a full checkpoint")
-    print(summary(m, model_name(args.model)), file=log, flush=True)
+    print(summary(m, model_name(args.model), getattr(args, "ptuning", None)), file=log, flush=True)
     return m
 
 
@@ -242,13 +232,18 @@ def isatty(f) -> bool:
 # ---------------------------------------------------------------------------------------------------- replies
 
 
-def settings_from_args(args: argparse.Namespace):
-    """The GenerationConfig of the sampling options (the official chat's defaults)."""
-    from glm.generation import GenerationConfig
+# The sampling options, by their GenerationConfig field names.
+SETTING_OPTIONS = ("max_length", "top_p", "temperature", "top_k", "repetition_penalty", "seed")
 
-    return GenerationConfig(max_length=args.max_length, do_sample=not args.greedy, top_p=args.top_p,
-                            temperature=args.temperature, top_k=args.top_k,
-                            repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+def settings_from_args(args: argparse.Namespace):
+    """The GenerationConfig of the sampling options: `CHAT_DEFAULTS` with the options given replacing its values."""
+    from glm.generation import CHAT_DEFAULTS
+
+    given = {f: getattr(args, f) for f in SETTING_OPTIONS if getattr(args, f) is not None}
+    if args.greedy:
+        given["do_sample"] = False
+    return CHAT_DEFAULTS.replace(**given)
 
 
 def describe(c) -> str:

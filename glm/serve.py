@@ -26,8 +26,12 @@ from glm.options import (
 )
 
 log = logging.getLogger("glm.serve")
-CHAT_DEFAULTS = dict(temperature=0.95, top_p=0.7)  # the official chat's, used when a request leaves them out
 POLL_DISCONNECT = 0.5  # seconds between checks that a non-streaming client is still there
+MAX_STOP = 16  # stop strings per request
+# The request fields that are GenerationConfig settings of the same name, with the JSON type each must have.
+SETTING_FIELDS = (("temperature", (int, float), "a number"), ("top_p", (int, float), "a number"),
+                  ("top_k", int, "an integer"), ("repetition_penalty", (int, float), "a number"),
+                  ("seed", int, "an integer"))
 
 
 def _port(s: str) -> int:
@@ -49,9 +53,8 @@ def build_parser(prog: str = "glm-serve") -> ArgumentParser:
     g.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/ requests")
     g.add_argument("--model-name", default=None, metavar="NAME",
-                   help="the model id clients send and /v1/models lists (default: the checkpoint's name)")
-    # Test hook, hidden from --help: sleeps in every decode step, so that a test can drop a stream mid-reply.
-    g.add_argument("--delay-ms", type=count_type(0, 10_000), default=0, help=argparse.SUPPRESS)
+                   help="the model id clients send and /v1/models lists (default: the checkpoint's name without "
+                        "its Hub owner, e.g. chatglm-6b)")
     add_model_args(p)
     return p
 
@@ -106,7 +109,13 @@ class Metrics:
         scheduler.step_hooks.append(self.batch.observe)
 
 
-def create_app(m, name: str, api_key: str | None = None, delay_ms: int = 0):
+def served_name(args: argparse.Namespace) -> str:
+    """The model id clients send: --model-name, else the checkpoint's name without its Hub owner (chatglm-6b for
+    THUDM/chatglm-6b, as clients written for ChatGLM-6B send it; chatglm-tiny for tests/fixtures/chatglm-tiny)."""
+    return args.model_name or model_name(args.model).rpartition("/")[2]
+
+
+def create_app(m, name: str, api_key: str | None = None):
     """The FastAPI app serving `m` (a loaded ChatGLM) under the model id `name`."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -114,15 +123,13 @@ def create_app(m, name: str, api_key: str | None = None, delay_ms: int = 0):
 
     from glm.chat import SettledText, build_prompt, process_response
     from glm.errors import GenerationError, QueueFull
-    from glm.generation import GenerationConfig
+    from glm.generation import CHAT_DEFAULTS, GenerationConfig
     from glm.tokenizer import StreamDecoder
 
     app = FastAPI(title="glm-serve", docs_url=None, redoc_url=None, openapi_url=None)
     sched = m.scheduler
     metrics = Metrics(sched)
     created = int(time.time())
-    if delay_ms:
-        sched.step_hooks.append(lambda _: time.sleep(delay_ms / 1000))
 
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
@@ -161,46 +168,53 @@ def create_app(m, name: str, api_key: str | None = None, delay_ms: int = 0):
         return body
 
     def settings(body: dict, prompt_len: int) -> tuple[GenerationConfig, bool, bool]:
-        """(config, stream, include_usage) of a request, or an APIError."""
-        real = (int, float)
-        temperature = _field(body, "temperature", real, CHAT_DEFAULTS["temperature"], lambda v: 0 <= v <= 100,
-                             "a number in [0, 100]")
-        top_p = _field(body, "top_p", real, CHAT_DEFAULTS["top_p"], lambda v: 0 < v <= 1, "a number in (0, 1]")
-        top_k = _field(body, "top_k", int, 50, lambda v: v >= 0, "an integer >= 0")
-        penalty = _field(body, "repetition_penalty", real, 1.0, lambda v: 0 < v <= 100, "a number in (0, 100]")
-        seed = _field(body, "seed", int, None, lambda v: 0 <= v < 2**64, "an integer in [0, 2**64)")
+        """(config, stream, include_usage) of a request, or an APIError.
+
+        Here the fields' JSON types are checked; their values are GenerationConfig's to judge, whose message is the
+        error (naming the field as the client sent it). Fields left out take the official chat's values
+        (CHAT_DEFAULTS); temperature 0 is greedy, as OpenAI's.
+        """
+        given = {}
+        for key, kinds, what in SETTING_FIELDS:
+            v = _field(body, key, kinds, what=what)
+            if v is not None:
+                given[key] = v
         n = _field(body, "n", int, 1, lambda v: v == 1, "1 (one choice per request)")
         del n
-        limit = m.max_context
-        max_tokens = _field(body, "max_tokens", int, None, lambda v: v >= 1, "an integer >= 1")
-        max_tokens = _field(body, "max_completion_tokens", int, max_tokens, lambda v: v >= 1, "an integer >= 1")
-        if max_tokens is None:
-            max_tokens = limit - prompt_len
-            if max_tokens < 1:
-                raise APIError(400, f"the prompt is {prompt_len} tokens, over the context of {limit} tokens by "
-                                    f"{prompt_len + 1 - limit}: shorten it", param="messages", code="context_length")
-        elif prompt_len + max_tokens > limit:
-            over = prompt_len + max_tokens - limit
-            raise APIError(400, f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) is over the "
-                                f"context of {limit} tokens by {over}: shorten the prompt or lower max_tokens",
-                           param="max_tokens", code="context_length")
+        length_key = "max_tokens"  # or its newer name, which wins when both are sent
+        max_tokens = _field(body, "max_tokens", int, what="an integer")
+        if body.get("max_completion_tokens") is not None:
+            length_key = "max_completion_tokens"
+            max_tokens = _field(body, length_key, int, what="an integer")
         stop = body.get("stop")
-        if isinstance(stop, str):
-            stop = [stop]
-        if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)
-                                 or len(stop) > 16):
-            raise APIError(400, "'stop' must be a string or a list of up to 16 non-empty strings", param="stop")
+        # Not a range of the setting: a bound on the work of matching each token against the stop strings.
+        if isinstance(stop, list) and len(stop) > MAX_STOP:
+            raise APIError(400, f"'stop' may hold up to {MAX_STOP} strings, got {len(stop)}", param="stop")
         ignore_eos = _field(body, "ignore_eos", bool, False, what="true or false")  # ours: fixed-length replies
         stream = _field(body, "stream", bool, False, what="true or false")
         opts = _field(body, "stream_options", dict, {}, what="an object")
         usage = _field(opts, "include_usage", bool, False, what="true or false")
+        names = {"max_new_tokens": length_key, "stop_at_eos": "ignore_eos"}  # GenerationConfig's -> the client's
         try:
-            config = GenerationConfig(max_new_tokens=max_tokens, do_sample=temperature > 0,
-                                      temperature=float(temperature) if temperature > 0 else 1.0,
-                                      top_p=float(top_p), top_k=top_k, repetition_penalty=float(penalty),
-                                      seed=seed, stop=tuple(stop or ()), stop_at_eos=not ignore_eos)
-        except GenerationError as e:
-            raise APIError(400, str(e)) from None
+            # max_length None: the length is max_tokens, within the context (CHAT_DEFAULTS' is the chat's 2048).
+            config = CHAT_DEFAULTS.replace(max_length=None, max_new_tokens=max_tokens,
+                                           stop=stop if stop is not None else (), stop_at_eos=not ignore_eos,
+                                           **given)
+        except GenerationError as e:  # "<field> must be ...": the field as the client named it, then the rest
+            field, _, why = str(e).partition(" ")
+            param = names.get(field, field)
+            raise APIError(400, f"'{param}' {why}", param=param) from None
+        limit = m.max_context
+        if max_tokens is None:
+            if prompt_len >= limit:
+                raise APIError(400, f"the prompt is {prompt_len} tokens, over the context of {limit} tokens by "
+                                    f"{prompt_len + 1 - limit}: shorten it", param="messages", code="context_length")
+            config = config.replace(max_new_tokens=limit - prompt_len)
+        elif prompt_len + max_tokens > limit:
+            over = prompt_len + max_tokens - limit
+            raise APIError(400, f"the prompt ({prompt_len} tokens) plus {length_key} ({max_tokens}) is over the "
+                                f"context of {limit} tokens by {over}: shorten the prompt or lower {length_key}",
+                           param=length_key, code="context_length")
         return config, stream, usage
 
     def chat_prompt(body: dict) -> str:
@@ -384,8 +398,8 @@ def main(argv: list[str] | None = None, prog: str = "glm-serve") -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    name = args.model_name or model_name(args.model)
-    app = create_app(m, name, api_key=args.api_key, delay_ms=args.delay_ms)
+    name = served_name(args)
+    app = create_app(m, name, api_key=args.api_key)
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format=f"{prog}: %(message)s")

@@ -16,7 +16,6 @@ import logging
 import os
 import sys
 import threading
-import time
 from collections import deque
 
 from glm.options import (
@@ -87,15 +86,30 @@ class ChatBackend:
 
     MAX_QUEUED = 8  # messages a session may have waiting behind its running reply
 
-    def __init__(self, m, settings, delay_ms: int = 0):
+    def __init__(self, m, settings):
         self.m = m
         self.defaults = settings  # a GenerationConfig: the option defaults, of which the page sets three
-        self.delay = delay_ms / 1000
         self._inbox: dict[str, deque[str]] = {}
         self._lock = threading.Lock()
 
+    @property
+    def max_length(self) -> int:
+        """The largest maximum length the page offers: the model's context limit."""
+        return self.m.max_context
+
     def settings(self, max_length, top_p, temperature):
-        return self.defaults.replace(max_length=int(max_length), top_p=float(top_p), temperature=float(temperature))
+        """The GenerationConfig of the three sliders' values (the options give the rest). A value GenerationConfig
+        refuses is its GenerationError; so is a maximum length over the context limit, which would otherwise be
+        taken without a word and answered within the limit."""
+        from glm.errors import GenerationError
+
+        if isinstance(max_length, float) and max_length.is_integer():
+            max_length = int(max_length)  # the page sends numbers as floats
+        s = self.defaults.replace(max_length=max_length, top_p=top_p, temperature=temperature)
+        if s.max_length > self.max_length:
+            raise GenerationError(f"max_length {s.max_length} is over this model's context limit of "
+                                  f"{self.max_length} tokens: lower it")
+        return s
 
     # -- the inbox of each session
 
@@ -137,7 +151,7 @@ class ChatBackend:
         if dropped and notify is not None:
             what = "The oldest round of this conversation no longer fits" if dropped == 1 else (
                 f"The {dropped} oldest rounds of this conversation no longer fit")
-            notify(f"{what} max length {min(s.max_length, self.m.max_context)}: the model does not see "
+            notify(f"{what} max length {s.max_length}: the model does not see "
                    f"{'it' if dropped == 1 else 'them'} any more (the page still shows everything).")
         # The page shows the question at once, before the first token, which can take a while on a big model.
         yield history, transcript + [(query, None)]
@@ -145,13 +159,12 @@ class ChatBackend:
         try:
             for reply in stream:
                 yield kept + [(query, reply)], transcript + [(query, reply)]
-                if self.delay:
-                    time.sleep(self.delay)
         finally:
             stream.close()
 
 
-def build_app(backend: ChatBackend, title: str = "ChatGLM-6B", subtitle: str = ""):
+def build_app(backend: ChatBackend, title: str, subtitle: str = ""):
+    """The page; `title`: the model's name, `subtitle`: a line under it."""
     import gradio as gr
 
     import glm
@@ -177,7 +190,9 @@ def build_app(backend: ChatBackend, title: str = "ChatGLM-6B", subtitle: str = "
 
     def chat(query, max_length, top_p, temperature, history, transcript):
         """The /chat API: one message, one reply."""
-        if not query or not query.strip():
+        if not isinstance(query, str):  # unprocessed input (preprocess=False below): any JSON value
+            raise error(f"the message must be a string, got {type(query).__name__}")
+        if not query.strip():
             yield _messages(transcript or []), history, transcript
             return
         yield from reply(query, (max_length, top_p, temperature), history, transcript)
@@ -232,7 +247,10 @@ def build_app(backend: ChatBackend, title: str = "ChatGLM-6B", subtitle: str = "
             stop_btn = gr.Button("Stop", scale=1, elem_id="stop")
             clear_btn = gr.Button("Clear", scale=1, elem_id="clear")
         with gr.Row():
-            max_length = gr.Slider(1, max(4096, d.max_length), value=d.max_length, step=1,
+            # The sliders' ranges are the page's, for dragging; which values are valid is GenerationConfig's to
+            # say (see `settings`): the events below take the values unprocessed, so that Gradio's own range
+            # check does not answer first with another message. A --max-length over the context starts at it.
+            max_length = gr.Slider(1, backend.max_length, value=min(d.max_length, backend.max_length), step=1,
                                    label="Maximum length (prompt + reply, tokens)", elem_id="max_length")
             top_p = gr.Slider(0.01, 1.0, value=d.top_p, step=0.01, label="Top P", elem_id="top_p")
             temperature = gr.Slider(0.0, max(1.0, d.temperature), value=d.temperature, step=0.01,
@@ -250,9 +268,9 @@ def build_app(backend: ChatBackend, title: str = "ChatGLM-6B", subtitle: str = "
         # ends, by the one run "always_last" keeps pending: every message is answered once, in order.
         run = take_ev.then(answer_inbox, [max_length, top_p, temperature, history, transcript],
                            [chatbot, history, transcript], api_name=False, trigger_mode="always_last",
-                           concurrency_id="model", show_progress="minimal")
+                           concurrency_id="model", show_progress="minimal", preprocess=False)
         api_query.submit(chat, [api_query, max_length, top_p, temperature, history, transcript],
-                         [chatbot, history, transcript], api_name="chat", concurrency_id="model")
+                         [chatbot, history, transcript], api_name="chat", concurrency_id="model", preprocess=False)
         stop_btn.click(stop, None, None, cancels=[run], api_name=False, queue=False)
         clear_btn.click(clear, None, [chatbot, history, transcript], cancels=[run], api_name="clear")
     return demo
@@ -269,8 +287,9 @@ def main(argv: list[str] | None = None, prog: str = "glm-web") -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    backend = ChatBackend(m, settings_from_args(args), delay_ms=args.delay_ms)
-    demo = build_app(backend, subtitle=summary(m, model_name(args.model)).removeprefix("glm: "))
+    backend = ChatBackend(m, settings_from_args(args))
+    name = model_name(args.model)
+    demo = build_app(backend, name, subtitle=summary(m, name, args.ptuning).removeprefix("glm: "))
     # One reply per cache row at a time (the scheduler batches them); max_size bounds the waiting line: past it a
     # new request is refused at once instead of waiting for minutes.
     demo.queue(default_concurrency_limit=args.max_batch, max_size=64)

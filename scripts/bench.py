@@ -8,8 +8,11 @@ run's decode time is its median step), and the bandwidth the fastest of 8 passes
 work these are the steadiest figures. Decoding is greedy through the model's forward
 and a KV cache of `batch` rows, fed `batch` random prompts of the same length (this script does not use
 glm.generation). `--compile` also times a torch.compile'd step (CUDA graphs on a GPU) against the eager one.
+The rows go to stdout as they are measured, and a line per phase to stderr. `--quick` is a short CPU run of 4
+blocks, a 16-token prompt, 32 new tokens and one timed run per row (any of them given on the command line stays):
+a few minutes on 2 cores, most of them building the random models (the embedding and head alone are 1.1B weights).
 
-    python scripts/bench.py --layers 4                        # quick, CPU: fp32, bf16, int8, int4
+    python scripts/bench.py --quick                           # quick, CPU: fp32, bf16, int8, int4 on 4 blocks
     python scripts/bench.py --layers 4 --modes int4,int4-fast --batch 1,8 --quant-lm-head
     python scripts/bench.py --device cuda --compile           # full model on a GPU: fp16, int8, int4
     python scripts/bench.py --device cuda --kernels           # also the INT8/INT4 kernel micro-benchmarks
@@ -35,6 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from glm.config import GLMConfig  # noqa: E402
 from glm.model import GLM  # noqa: E402
+
+_T0 = time.perf_counter()
+
+
+def progress(msg: str) -> None:
+    """What the benchmark is doing, on stderr (the JSON rows alone go to stdout): a row can take minutes."""
+    print(f"bench [{time.perf_counter() - _T0:6.1f} s]: {msg}", file=sys.stderr, flush=True)
 
 
 def build_random(cfg: GLMConfig, device, dtype, quant: int | None, group_size: int | None, seed: int = 0,
@@ -266,6 +276,9 @@ def bench_model(cfg, device, dtype, quant, group_size, kernels, args, bandwidth)
     if kernels == ["stock"]:
         with stock_cpu_operators(True):
             return bench_model(cfg, device, dtype, quant, group_size, [None], args, bandwidth)
+    what = str(dtype).removeprefix("torch.") + (f", int{quant}" + (f"-g{group_size}" if group_size else "")
+                                                 if quant else "")
+    progress(f"building a random {cfg.num_layers}-block model ({what})")
     model = build_random(cfg, device, dtype, quant, group_size, quant_lm_head=args.quant_lm_head)
     gc.collect()
     if device.type == "cpu":  # the heap keeps the freed float copies of quantized weights; the loader trims too
@@ -281,14 +294,20 @@ def bench_model(cfg, device, dtype, quant, group_size, kernels, args, bandwidth)
         for batch in args.batch:
             reset_peak(device)  # the peak of serving this model, not of building it from random float weights
             prompts = random_prompts(cfg, batch, args.prompt)
+            row = f"{what}{f', {kernel} kernel' if quant and kernel else ''}, batch {batch}"
             dec = GreedyDecoder(model, batch, args.prompt + args.new, compile=args.compile)
+            progress(f"{row}: warm-up" + (" and compilation" if args.compile else ""))
             dec.run(prompts, min(8, args.new))  # warm-up (and compilation)
             # The fastest of several runs: on a machine shared with other work, the least disturbed one.
-            runs = [dec.run(prompts, args.new) for _ in range(args.repeats)]
+            runs = []
+            for i in range(args.repeats):
+                progress(f"{row}: run {i + 1} of {args.repeats} ({args.prompt}-token prompt, {args.new} new tokens)")
+                runs.append(dec.run(prompts, args.new))
             prefill, per_tok = min(r[0] for r in runs), min(r[1] for r in runs)
             naive_tok = None
             if args.compile and not args.no_naive:
                 dec.compiled = None
+                progress(f"{row}: {args.repeats} eager run(s) to compare")
                 naive_tok = min(dec.run(prompts, args.new)[1] for _ in range(args.repeats))
             wbytes = weight_bytes_per_token(model)
             ctx = args.prompt + args.new // 2  # mean context during decode
@@ -370,9 +389,17 @@ def setup(args, cpu_modes: str) -> tuple[torch.device, GLMConfig, torch.dtype, l
     return device, cfg, act or (torch.float16 if device.type == "cuda" else torch.bfloat16), modes
 
 
+# The shape and length of a run: the default, and --quick's (whatever is given on the command line stays).
+FULL = {"layers": None, "prompt": 512, "new": 256, "repeats": 3}
+QUICK = {"layers": 4, "prompt": 16, "new": 32, "repeats": 1}  # docs/benchmarks.md's lengths
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--quick", action="store_true",
+                   help="a quick run (a few minutes on a CPU): " + ", ".join(f"--{k} {v}" for k, v in QUICK.items())
+                        + ", unless given")
     p.add_argument("--layers", type=int, default=None, help="number of blocks (default 28: the full model)")
     p.add_argument("--modes", default=None,
                    help=f"comma-separated from {','.join(MODES)} "
@@ -380,10 +407,11 @@ def main(argv=None) -> int:
     p.add_argument("--act-dtype", default=None, help="activation dtype of quantized modes (default: fp16 cuda, "
                                                      "bf16 cpu)")
     p.add_argument("--batch", default="1", help="batch sizes, comma-separated (e.g. 1,8)")
-    p.add_argument("--prompt", type=int, default=512)
-    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--prompt", type=int, default=None, help=f"prompt tokens (default {FULL['prompt']})")
+    p.add_argument("--new", type=int, default=None, help=f"new tokens per run (default {FULL['new']})")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per row; the fastest is reported")
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"timed runs per row; the fastest is reported (default {FULL['repeats']})")
     p.add_argument("--compile", action="store_true", help="also time a torch.compile'd decode step")
     p.add_argument("--quant-lm-head", action="store_true", help="quantized modes: quantize lm_head too")
     p.add_argument("--no-naive", action="store_true", help="with --compile: skip the eager comparison")
@@ -391,6 +419,9 @@ def main(argv=None) -> int:
     p.add_argument("--memory-context", type=int, default=0,
                    help="also report peak memory of one generation filling this many tokens (e.g. 2048)")
     args = p.parse_args(argv)
+    for name, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     args.batch = [int(b) for b in str(args.batch).split(",")]
 
     try:
@@ -398,6 +429,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    progress(f"measuring the memory bandwidth of {device}")
     bandwidth = copy_bandwidth(device)
     if device.type == "cpu":
         bandwidth = max(bandwidth, gemv_read_bandwidth(device))
@@ -424,6 +456,7 @@ def main(argv=None) -> int:
 
 def memory_row(cfg, device, dtype, quant, group_size, args) -> dict:
     """Peak memory of one generation whose context reaches `--memory-context` tokens."""
+    progress(f"peak memory of one generation of {args.memory_context} tokens")
     model = build_random(cfg, device, dtype, quant, group_size, quant_lm_head=args.quant_lm_head)
     gc.collect()
     reset_peak(device)

@@ -42,8 +42,8 @@ def server(tmp_path_factory):
     """A real glm-web server on 127.0.0.1 (one per test module), greedy, always stopped afterwards."""
     from test_web import WebServer
 
-    # --delay-ms (a hidden test hook) paces tokens to 25 ms, so that a reply lasts about a second and can be stopped.
-    srv = WebServer("--greedy", "--delay-ms", "25", log=tmp_path_factory.mktemp("web") / "server.log")
+    # Decode steps paced to 25 ms (tests/slow_launch.py), so that a reply lasts about a second and can be stopped.
+    srv = WebServer("--greedy", log=tmp_path_factory.mktemp("web") / "server.log", delay_ms=25)
     try:
         yield srv.wait()
     finally:

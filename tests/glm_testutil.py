@@ -4,6 +4,17 @@ import json
 from pathlib import Path
 
 FIXTURES = Path(__file__).parent / "fixtures"
+SLOW_LAUNCH = Path(__file__).parent / "slow_launch.py"
+
+
+def entry_point(module: str, delay_ms: float = 0) -> list[str]:
+    """The command line of `python -m module`; with `delay_ms`, through tests/slow_launch.py, which makes every
+    decode step of the scheduler sleep that long (so that a test can stop a reply of the fast tiny model midway)."""
+    import sys
+
+    if delay_ms:
+        return [sys.executable, str(SLOW_LAUNCH), str(delay_ms), module]
+    return [sys.executable, "-m", module]
 
 
 def golden(name: str):
@@ -16,13 +27,14 @@ def golden(name: str):
 
 class ServerProcess:
     """`python -m <module> --model <tiny> --port <free>` in its own process group on 127.0.0.1, its output in `log`;
-    `wait` polls `health` until it answers 200, `stop` always kills the whole group."""
+    `wait` polls `health` until it answers 200, `stop` always kills the whole group. `delay_ms`: every decode step
+    sleeps that long (see `entry_point`)."""
 
-    def __init__(self, module: str, *args: str, log: Path, health: str = "", url_suffix: str = ""):
+    def __init__(self, module: str, *args: str, log: Path, health: str = "", url_suffix: str = "",
+                 delay_ms: float = 0):
         import os
         import socket
         import subprocess
-        import sys
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -33,9 +45,9 @@ class ServerProcess:
         env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         with open(log, "wb") as f:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", module, "--model", str(FIXTURES / "chatglm-tiny"), "--port", str(self.port),
-                 *args], cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True)
+                [*entry_point(module, delay_ms), "--model", str(FIXTURES / "chatglm-tiny"), "--port",
+                 str(self.port), *args], cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True)
 
     def wait(self, timeout: float = 90):
         import time

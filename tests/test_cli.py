@@ -16,10 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from glm_testutil import entry_point
 
 from glm import cli
 from glm.chat import build_prompt, fit_history, fit_turn, reply_reserve, stream_reply
-from glm.generation import GenerationConfig
+from glm.generation import CHAT_DEFAULTS, GenerationConfig, GenerationError
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "fixtures" / "chatglm-tiny"
@@ -47,9 +48,11 @@ def run(*args, input=None, **extra_env) -> subprocess.CompletedProcess:
                           encoding="utf-8", cwd=ROOT, env=env(**extra_env), timeout=120)
 
 
-def spawn(*args):
-    child = pexpect.spawn(sys.executable, ["-m", "glm", "--model", str(TINY), *args], cwd=str(ROOT), env=env(),
-                          encoding="utf-8", timeout=60, dimensions=(50, 400))
+def spawn(*args, delay_ms: float = 0):
+    """glm-chat in a pseudo-terminal, at its first prompt; `delay_ms`: every decode step sleeps that long."""
+    python, *cmd = entry_point("glm", delay_ms)
+    child = pexpect.spawn(python, [*cmd, "--model", str(TINY), *args], cwd=str(ROOT), env=env(), encoding="utf-8",
+                          timeout=60, dimensions=(50, 400))
     child.expect_exact("User: ")
     return child
 
@@ -87,6 +90,7 @@ def set_max_length(child, n: int) -> None:
 def test_terminal_replies_equal_golden_turn_by_turn_then_clear_and_stop(chatglm_tiny):
     child = spawn("--greedy")
     try:
+        assert "Chat with chatglm-tiny: type a message." in child.before  # the loaded model's name
         for turn in TURNS[:4]:  # the history carried from turn to turn is the CLI's own
             set_max_length(child, turn["max_length"])
             assert ask(child, turn["query"]) == turn["response"]
@@ -116,8 +120,8 @@ def test_terminal_replies_equal_golden_turn_by_turn_then_clear_and_stop(chatglm_
 
 
 def test_terminal_ctrl_c_stops_the_reply_and_keeps_the_session():
-    # --delay-ms (hidden, CLI only) paces the tiny model's tokens to 60 ms so that Ctrl+C lands mid-reply.
-    child = spawn("--greedy", "--delay-ms", "60")
+    # Decode steps paced to 60 ms (tests/slow_launch.py), so that Ctrl+C lands mid-reply.
+    child = spawn("--greedy", delay_ms=60)
     try:
         child.sendline(FIRST["query"])
         child.expect_exact("ChatGLM: ")
@@ -151,6 +155,33 @@ def test_terminal_ctrl_c_stops_the_reply_and_keeps_the_session():
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+
+
+def test_terminal_ctrl_c_pressed_quickly_to_stop_and_leave_prints_no_traceback():
+    """Ctrl+C pressed again and again, quickly, while a reply streams: the first stops the reply, the next warns,
+    the next exits, and those after it land while the program exits (the scheduler's thread being joined, torch's
+    atexit finalizers), where none may print a traceback."""
+    import time
+
+    child = spawn("--greedy", delay_ms=60)
+    try:
+        child.sendline("晚上睡不着应该怎么办")  # its reply is 139 tokens: over 8 s at 60 ms a step
+        child.expect_exact("ChatGLM: ")
+        time.sleep(0.3)  # a few tokens have streamed
+        for _ in range(8):
+            child.sendintr()
+            time.sleep(0.02)
+        # Signals that arrive closer together than the program runs are one: press on until it has exited.
+        for _ in range(10):
+            if child.expect([pexpect.EOF, pexpect.TIMEOUT], timeout=3) == 0:
+                break
+            child.sendintr()
+        out = ANSI.sub("", child.before)
+    finally:
+        child.close(force=True)
+    assert " [stopped]" in out and "(Ctrl+C again, 'stop' or Ctrl+D to exit)" in out, out
+    assert "Traceback" not in out and "Exception ignored" not in out, out
+    assert child.exitstatus == 0 and child.signalstatus is None, out
 
 
 # ---------------------------------------------------------------------------------------------------- pipes
@@ -224,10 +255,12 @@ def test_error_cuda_without_cuda():
 
 @pytest.mark.parametrize("args, needle", [
     (["--top-p", "1.5"], "argument --top-p: must be a number in (0, 1]"),
-    (["--top-p", "nan"], "argument --top-p: expected a number"),
+    (["--top-p", "nan"], "argument --top-p: must be a number in (0, 1], got nan"),
+    (["--top-p", "x"], "argument --top-p: expected a number, got 'x'"),
     (["--max-length", "0"], "argument --max-length: must be a positive"),
     (["--temperature", "-1"], "argument --temperature: must be a number >= 0"),
-    (["--seed", "99999999999999999999999"], "argument --seed: expected an integer in [0, 2**64)"),
+    (["--seed", "99999999999999999999999"], "argument --seed: must be an integer in [0, 2**64)"),
+    (["--seed", "x"], "argument --seed: expected an integer or none, got 'x'"),
     (["--max-context", "1"], "argument --max-context: expected an integer in [2, 1048576]"),
     (["--top-k", "x"], "argument --top-k: expected an integer"),
     (["--repetition-penalty", "0"], "argument --repetition-penalty: must be a number > 0"),
@@ -244,6 +277,56 @@ def test_error_bad_option_values(args, needle):
     at_load = args[0] == "--device" or args == ["--cpu-kernel", "fast"] or args == ["--quant-lm-head"]
     line = one_line_error(r, 1 if at_load else 2)  # these are checked when the model loads
     assert needle in line
+
+
+@pytest.mark.parametrize("option, value", [
+    ("max-length", "0"), ("max-length", "-3"), ("top-p", "0"), ("top-p", "1.5"), ("top-p", "inf"),
+    ("temperature", "-1"), ("temperature", "nan"), ("top-k", "-1"), ("repetition-penalty", "0"),
+    ("repetition-penalty", "-inf"), ("seed", "-1"), ("seed", str(2**64)),
+])
+def test_option_range_errors_are_generation_config_messages(option, value, capsys):
+    """Each option's range is GenerationConfig's, and its message is the error: at the command line (argparse's
+    one line) and in /set."""
+    field = option.replace("-", "_")
+    with pytest.raises(GenerationError) as e:
+        GenerationConfig(**{field: (int if field in ("max_length", "top_k", "seed") else float)(value)})
+    why = str(e.value).removeprefix(f"{field} ")
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args([f"--{option}={value}"])  # "=": argparse takes "-1" alone for an option
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"glm-chat: error: argument --{option}: {why} (see --help)\n"
+    out, err = io.StringIO(), io.StringIO()
+    chat = cli.Chat(None, GREEDY, out=out, err=err)
+    chat.command(f"/set {option} {value}")
+    assert err.getvalue() == f"glm-chat: error: {option}: {why}\n" and chat.s == GREEDY
+
+
+def test_defaults_are_the_official_chats():
+    """Options not given take CHAT_DEFAULTS' values; --greedy only turns sampling off."""
+    assert cli.settings_from_args(cli.build_parser().parse_args([])) == CHAT_DEFAULTS
+    assert cli.settings_from_args(cli.build_parser().parse_args(["--greedy"])) == CHAT_DEFAULTS.replace(
+        do_sample=False)
+    args = cli.build_parser().parse_args(["--top-p", "0.5", "--seed", "3", "--max-length", "99"])
+    assert cli.settings_from_args(args) == CHAT_DEFAULTS.replace(top_p=0.5, seed=3, max_length=99)
+
+
+def test_documented_defaults_are_chat_defaults():
+    table = (ROOT / "docs" / "cli.md").read_text()
+    for option, field in (("--max-length N", "max_length"), ("--top-p P", "top_p"), ("--temperature T", "temperature"),
+                          ("--top-k K", "top_k"), ("--repetition-penalty R", "repetition_penalty")):
+        (value,) = re.findall(rf"^\| `{re.escape(option)}` \| ([^|]+) \|", table, re.M)
+        assert float(value) == getattr(CHAT_DEFAULTS, field), option
+
+
+def test_delay_ms_is_not_an_option():
+    """Pacing the tiny model for the tests is tests/slow_launch.py's business: no entry point takes --delay-ms."""
+    from glm import serve, web
+
+    for mod in (cli, web, serve):
+        with pytest.raises(SystemExit):
+            mod.build_parser().parse_args(["--delay-ms", "5"])
+    line = one_line_error(run("--model", str(TINY), "--delay-ms", "5", "--prompt", "hi"), 2)
+    assert "unrecognized arguments: --delay-ms 5" in line
 
 
 def test_error_out_of_memory_while_loading(monkeypatch, capsys):
@@ -353,7 +436,6 @@ def test_help_is_fast_and_lists_the_options():
                 "--top-p", "--temperature", "--top-k", "--repetition-penalty", "--greedy", "--seed", "--prompt",
                 "--cpu-kernel", "--quant-lm-head", "--max-context", "--ptuning"):
         assert opt in r.stdout
-    assert "--delay-ms" not in r.stdout  # a test hook, not an option for users
     from glm.loader import DEFAULT_MODEL
 
     assert cli.DEFAULT_MODEL == DEFAULT_MODEL
@@ -363,6 +445,22 @@ def test_summary_line():
     r = run("--model", str(TINY), "--greedy", "--prompt", "你好")
     assert re.fullmatch(r"glm: chatglm-tiny on cpu, float32, no quant, 16\.7 MB weights, loaded in \d+\.\d s\n",
                         r.stderr), r.stderr
+
+
+def test_summary_line_names_the_p_tuning_prefix():
+    prefix = ROOT / "tests/fixtures/chatglm-tiny-ptuning-train/prefix"
+    r = run("--model", str(TINY), "--ptuning", str(prefix), "--greedy", "--max-length", "12", "--prompt", "你好")
+    assert r.returncode == 0, r.stderr
+    head = f"glm: chatglm-tiny on cpu, float32, no quant, P-Tuning prefix 4 from {prefix}, "
+    assert re.fullmatch(re.escape(head) + r"\d+\.\d MB weights, loaded in \d+\.\d s\n", r.stderr), r.stderr
+
+
+def test_summary_names_a_prefix_of_unknown_folder():
+    import glm
+    from glm.options import summary
+
+    m = glm.load(ROOT / "tests/fixtures/glm-tiny", ptuning=ROOT / "tests/fixtures/glm-tiny-ptuning")
+    assert ", no quant, P-Tuning prefix 6, " in summary(m, "glm-tiny")
 
 
 def _quant_available() -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -34,8 +35,8 @@ QUERIES = ["你好", "晚上睡不着应该怎么办", "Tell me more, please.", 
 class Server(ServerProcess):
     """glm-serve as a real process (see ServerProcess), with the official client and its metrics."""
 
-    def __init__(self, *args: str, log: Path):
-        super().__init__("glm.serve", *args, log=log, health="/health")
+    def __init__(self, *args: str, log: Path, delay_ms: float = 0):
+        super().__init__("glm.serve", *args, log=log, health="/health", delay_ms=delay_ms)
 
     def client(self, key: str = "none", **kw):
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120, **kw)
@@ -181,6 +182,10 @@ MSG = [{"role": "user", "content": "你好"}]
     (dict(model=NAME, messages=MSG, seed=-3), 400, "'seed' must be"),
     (dict(model=NAME, messages=MSG, stop=[""]), 400, "'stop' must be"),
     (dict(model=NAME, messages=MSG, n=2), 400, "'n' must be"),
+    (dict(model=NAME, messages=MSG, temperature="hot"), 400, "'temperature' must be a number, got \"hot\""),
+    (dict(model=NAME, messages=MSG, top_k=1.5), 400, "'top_k' must be an integer, got 1.5"),
+    (dict(model=NAME, messages=MSG, max_completion_tokens=0), 400, "'max_completion_tokens' must be a positive"),
+    (dict(model=NAME, messages=MSG, stop=["a"] * 17), 400, "'stop' may hold up to 16 strings"),
     (dict(model=NAME, messages=[]), 400, "'messages' must be a non-empty list"),
     (dict(model=NAME), 400, "'messages' must be a non-empty list"),
     (dict(model=NAME, messages=[{"role": "assistant", "content": "hi"}]), 400, "must alternate user and assistant"),
@@ -201,13 +206,45 @@ def test_errors_are_openai_style_and_the_server_goes_on(server, body, status, ne
     assert ask(server.client(), "你好", 4, False)[1] in ("stop", "length")
 
 
+@pytest.mark.parametrize("field, value", [
+    ("temperature", -1), ("temperature", -0.5), ("top_p", 0), ("top_p", 1.5), ("top_k", -1),
+    ("repetition_penalty", 0), ("repetition_penalty", -2.5), ("seed", -3), ("seed", 2**64), ("stop", [""]),
+    ("stop", 5), ("max_tokens", 0), ("max_tokens", -7),
+])
+def test_setting_errors_are_generation_config_messages(server, field, value):
+    """The server checks the JSON types; the ranges are GenerationConfig's, and so is the message."""
+    from glm.generation import GenerationConfig, GenerationError
+
+    with pytest.raises(GenerationError) as e:
+        GenerationConfig(**{{"max_tokens": "max_new_tokens"}.get(field, field): value})
+    why = str(e.value).partition(" ")[2]
+    code, out = _post(server, "/v1/chat/completions", {"model": NAME, "messages": MSG, "max_tokens": 4, field: value})
+    assert code == 400 and out["error"]["message"] == f"'{field}' {why}" and out["error"]["param"] == field, out
+
+
+def test_large_settings_work_and_defaults_are_the_official_chats(server, chatglm_tiny):
+    """No cap of the server's own: values past it are clamped safely by the engine. A request that leaves the
+    sampling settings out is sampled as the official chat samples (CHAT_DEFAULTS): a seeded one is the engine's."""
+    from glm.generation import CHAT_DEFAULTS
+
+    c = server.client()
+    for kw in (dict(temperature=1000.0), dict(repetition_penalty=1000), dict(temperature=1e300, top_k=10**30)):
+        r = c.chat.completions.create(model=NAME, messages=MSG, max_tokens=8, seed=1, extra_body=kw)
+        assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1
+    r = c.chat.completions.create(model=NAME, messages=MSG, max_tokens=24, seed=11)
+    assert CHAT_DEFAULTS.do_sample
+    settings = dict(do_sample=True, temperature=CHAT_DEFAULTS.temperature, top_p=CHAT_DEFAULTS.top_p,
+                    top_k=CHAT_DEFAULTS.top_k, repetition_penalty=CHAT_DEFAULTS.repetition_penalty)
+    assert r.choices[0].message.content == solo(chatglm_tiny, "你好", 24, seed=11, **settings)[0]
+
+
 def test_prompt_over_the_context_is_400_through_the_client(server):
     with pytest.raises(openai.BadRequestError, match="over the context"):
         server.client().completions.create(model=NAME, prompt="很长的问题 " * 500, max_tokens=1000)
 
 
 def test_a_dropped_stream_frees_its_row(tmp_path):
-    srv = Server("--max-batch", "2", "--delay-ms", "20", log=tmp_path / "server.log").wait()
+    srv = Server("--max-batch", "2", log=tmp_path / "server.log", delay_ms=20).wait()
     try:
         req = urllib.request.Request(srv.url + "/v1/chat/completions", method="POST",
                                      headers={"Content-Type": "application/json"},
@@ -228,8 +265,8 @@ def test_a_dropped_stream_frees_its_row(tmp_path):
 
 
 def test_api_key_and_full_queue(tmp_path):
-    srv = Server("--api-key", "s3cret", "--max-batch", "1", "--max-waiting", "1", "--delay-ms", "20",
-                 log=tmp_path / "server.log").wait()
+    srv = Server("--api-key", "s3cret", "--max-batch", "1", "--max-waiting", "1", log=tmp_path / "server.log",
+                 delay_ms=20).wait()
     try:
         with pytest.raises(openai.AuthenticationError):
             srv.client().models.list()
@@ -270,6 +307,51 @@ def test_load_64_requests_16_at_a_time(server, chatglm_tiny):
     assert time.monotonic() - t0 < 300
     assert got == expect
     assert server.metrics()["glm_requests_running"] == 0
+
+
+def readme_serving_snippets() -> tuple[list[str], str, str]:
+    """README's "Serving" section: the arguments of its tiny-model glm-serve command, its curl command and its
+    Python snippet, exactly as written there."""
+    import shlex
+
+    section = (ROOT / "README.md").read_text().split("## Serving", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(\w+)\n(.*?)```", section, re.S)
+    (command,) = [ln for lang, b in blocks if lang == "bash" for ln in b.splitlines()
+                  if ln.startswith("glm-serve --model tests/fixtures/chatglm-tiny")]
+    (curl,) = [b for lang, b in blocks if lang == "bash" and b.startswith("curl ")]
+    (python,) = [b for lang, b in blocks if lang == "python"]
+    return shlex.split(command, comments=True)[1:], curl, python
+
+
+def test_readme_serving_snippets_work_as_written(tmp_path, capsys):
+    """The README's tiny-model server answers the README's curl command and openai snippet (the model id they send
+    included); only the port differs, a free one instead of 8000."""
+    args, curl, python = readme_serving_snippets()
+    i = args.index("--port")
+    assert args[i + 1] == "8000" and "http://127.0.0.1:8000/v1" in curl and "http://127.0.0.1:8000/v1" in python
+    del args[i : i + 2]
+    srv = Server(*args, log=tmp_path / "server.log").wait()
+    try:
+        if shutil.which("curl"):
+            r = subprocess.run(["bash", "-c", curl.replace("http://127.0.0.1:8000", srv.url)], capture_output=True,
+                               text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+            events = [json.loads(ln[6:]) for ln in r.stdout.splitlines() if ln.startswith("data: {")]
+            assert r.stdout.rstrip().endswith("data: [DONE]") and "error" not in events[-1], r.stdout
+            assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+        exec(python.replace("http://127.0.0.1:8000", srv.url), {})
+        assert capsys.readouterr().out.strip()  # the reply
+    finally:
+        srv.stop()
+
+
+def test_served_model_id_is_the_checkpoint_name_without_its_owner():
+    from glm.serve import build_parser, served_name
+
+    assert served_name(build_parser().parse_args([])) == "chatglm-6b"  # README's and docs/serve.md's snippets
+    assert served_name(build_parser().parse_args(["--model", "THUDM/chatglm-6b-int4"])) == "chatglm-6b-int4"
+    assert served_name(build_parser().parse_args(["--model", str(TINY)])) == NAME
+    assert served_name(build_parser().parse_args(["--model-name", "x/y"])) == "x/y"
 
 
 def test_bind_errors_are_one_line():

@@ -28,8 +28,8 @@ pytest.importorskip("gradio")
 class WebServer(ServerProcess):
     """glm-web as a real process (see ServerProcess); its page is the health check."""
 
-    def __init__(self, *args: str, log: Path):
-        super().__init__("glm.web", *args, log=log, url_suffix="/")
+    def __init__(self, *args: str, log: Path, delay_ms: float = 0):
+        super().__init__("glm.web", *args, log=log, url_suffix="/", delay_ms=delay_ms)
 
 
 def client(server):
@@ -59,6 +59,19 @@ def test_golden_replies_turn_by_turn(server):
     c.predict(api_name="/clear")
     messages = chat(c, TURNS[4]["query"], TURNS[4]["max_length"])
     assert [text(m) for m in messages] == [TURNS[4]["query"], TURNS[4]["response"]]
+
+
+def test_docs_gradio_client_snippet_prints_the_reply(server, capsys):
+    """docs/cli.md's gradio_client snippet, run as written against the real page (its URL aside): it prints the
+    reply's text (its max length, top-p and temperature on this --greedy server: the golden reply)."""
+    import re
+
+    docs = (ROOT / "docs" / "cli.md").read_text()
+    (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", docs, re.S) if "gradio_client" in b]
+    assert 'Client("http://127.0.0.1:7860/")' in snippet
+    exec(snippet.replace("http://127.0.0.1:7860/", server.url), {})
+    out = capsys.readouterr().out
+    assert out.endswith("\n" + FIRST["response"] + "\n"), out  # after gradio_client's "Loaded as API: ..."
 
 
 def test_concurrent_sessions_keep_their_own_histories(server, chatglm_tiny):
@@ -117,6 +130,15 @@ def test_page_renders_markdown_and_keeps_html_sanitized(server):
     assert bot["props"]["sanitize_html"] is True
 
 
+def test_page_title_is_the_model_name(server):
+    with urllib.request.urlopen(server.url + "config", timeout=10) as r:
+        config = json.load(r)
+    assert config["title"] == "chatglm-tiny"
+    (heading,) = [c["props"]["value"] for c in config["components"] if c.get("type") == "markdown"
+                  and c["props"]["value"].startswith("## ")]
+    assert heading.startswith("## chatglm-tiny\nchatglm-tiny on cpu, float32, no quant, ")
+
+
 def test_server_log(server):
     log = server.log.read_text()
     assert "glm: chatglm-tiny on cpu, float32, no quant" in log
@@ -169,12 +191,54 @@ def test_expected_error_is_one_line_in_the_server_log(server):
     assert "Traceback" not in log, log
 
 
+def generation_config_error(**settings) -> str:
+    from glm.generation import GenerationConfig, GenerationError
+
+    with pytest.raises(GenerationError) as e:
+        GenerationConfig(**settings)
+    return str(e.value)
+
+
 def test_slider_values_out_of_range_are_refused_and_the_session_goes_on(server):
+    """The sliders' values are judged by GenerationConfig, whose message the page shows; a maximum length over
+    the context limit (2048) is refused too, not taken and quietly capped."""
     c = client(server)
-    for args in ((10**9, 0.7, 0.95), (44, 0.0, 0.95), (44, 0.7, -1.0), (44, 2.0, 0.95)):
-        with pytest.raises(Exception):
+    for args, message in (
+        ((10**9, 0.7, 0.95), "max_length 1000000000 is over this model's context limit of 2048 tokens: lower it"),
+        ((2049, 0.7, 0.95), "max_length 2049 is over this model's context limit of 2048 tokens: lower it"),
+        ((0, 0.7, 0.95), generation_config_error(max_length=0)),
+        ((44.5, 0.7, 0.95), generation_config_error(max_length=44.5)),
+        ((44, 0.0, 0.95), generation_config_error(top_p=0.0)),
+        ((44, 2.0, 0.95), generation_config_error(top_p=2.0)),
+        ((44, 0.7, -1.0), generation_config_error(temperature=-1.0)),
+    ):
+        with pytest.raises(Exception) as e:
             c.predict(FIRST["query"], *args, api_name="/chat")
-    assert text(chat(c, FIRST["query"], 44)[-1]) == FIRST["response"]
+        assert str(e.value) == message
+    assert text(chat(c, FIRST["query"], 2048)[-1]) == FIRST["response"]  # the limit itself is fine
+
+
+def test_sliders_start_at_the_option_defaults_within_the_context(server):
+    from glm.generation import CHAT_DEFAULTS
+
+    with urllib.request.urlopen(server.url + "config", timeout=10) as r:
+        config = json.load(r)
+    sliders = {c["props"]["elem_id"]: c["props"] for c in config["components"] if c.get("type") == "slider"}
+    assert (sliders["max_length"]["maximum"], sliders["max_length"]["value"]) == (2048, CHAT_DEFAULTS.max_length)
+    assert sliders["top_p"]["value"] == CHAT_DEFAULTS.top_p
+    assert sliders["temperature"]["value"] == CHAT_DEFAULTS.temperature
+
+
+def test_backend_bounds_max_length_by_the_context(chatglm_tiny):
+    import glm
+    from glm.web import ChatBackend
+
+    small = glm.load(TINY, max_context=64)
+    backend = ChatBackend(small, cli.settings_from_args(cli.build_parser().parse_args(["--max-length", "4096"])))
+    assert backend.max_length == 64
+    assert backend.settings(64.0, 0.7, 0.95).max_length == 64
+    with pytest.raises(glm.GenerationError, match=r"^max_length 65 is over this model's context limit of 64 tokens"):
+        backend.settings(65, 0.7, 0.95)
 
 
 def test_host_not_on_this_machine_is_one_line():
