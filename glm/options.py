@@ -101,6 +101,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "(int8 activations: faster, above all with several users; default: exact)")
     g.add_argument("--ptuning", default=None, metavar="DIR",
                    help="apply a P-Tuning v2 prefix (a glm-finetune or official ptuning output folder)")
+    g.add_argument("--lora", default=None, metavar="DIR",
+                   help="apply a LoRA adapter as PEFT saves it (adapter_config.json + adapter_model.*), unmerged")
     g.add_argument("--compile", action="store_true",
                    help="decode through torch.compile with CUDA graphs (fastest on a GPU; the first reply "
                         "waits for compilation)")
@@ -181,6 +183,9 @@ def summary(m, name: str, ptuning: str | None = None) -> str:
         quant += ", fast CPU kernel"
     if m.config.pre_seq_len:  # set by a prefix applied with --ptuning, or stored with the checkpoint
         quant += f", P-Tuning prefix {m.config.pre_seq_len}" + (f" from {ptuning}" if ptuning else "")
+    lora = [mod for mod in m.model.modules() if type(mod).__name__ == "LoRALinear"]
+    if lora:
+        quant += f", LoRA r={lora[0].lora_A.shape[0]} on {len(lora)} linears"
     dtype = str(m.dtype).removeprefix("torch.")
     return (f"glm: {name} on {m.device}, {dtype}, {quant}, {_human_bytes(m.memory_bytes())} weights, "
             f"loaded in {m.load_seconds:.1f} s")
@@ -203,7 +208,8 @@ def load_from_args(args: argparse.Namespace, log=None, max_batch: int = 1, max_w
     try:
         m = glm.load(args.model, revision=args.revision, device=args.device, dtype=args.dtype, quant=args.quant,
                      group_size=args.group_size, quantize_lm_head=args.quant_lm_head,
-                     ptuning=getattr(args, "ptuning", None), compile=args.compile, max_batch=max_batch,
+                     ptuning=getattr(args, "ptuning", None), lora=getattr(args, "lora", None),
+                     compile=args.compile, max_batch=max_batch,
                      max_context=args.max_context, max_waiting=max_waiting,
                      cpu_kernel=getattr(args, "cpu_kernel", "exact"), progress=isatty(log))
     except (glm.CheckpointError, glm.ConfigError, glm.GenerationError, ValueError) as e:

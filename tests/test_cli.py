@@ -499,3 +499,16 @@ def test_nan_logits_give_one_line_and_keep_the_session():
     lines = err.getvalue().strip().splitlines()
     assert len(lines) == 1 and "NaN/inf" in lines[0] and "--dtype bfloat16" in lines[0]
     assert chat.history and chat.history[-1][0] == "你好"  # the session goes on
+
+
+def test_lora_adapter_from_the_command_line():
+    import glm
+
+    adapter = ROOT / "tests/fixtures/chatglm-tiny-lora/adapter"
+    m = glm.load(TINY, lora=adapter)
+    want = m.chat("你好", max_length=24, do_sample=False)[0]
+    r = run("--model", str(TINY), "--lora", str(adapter), "--greedy", "--max-length", "24", "--prompt", "你好")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n" and "LoRA r=4 on 2 linears" in r.stderr
+    line = one_line_error(run("--model", str(TINY), "--lora", str(ROOT / "nope"), "--prompt", "hi"), 1)
+    assert "no LoRA adapter folder" in line
