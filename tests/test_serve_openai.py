@@ -129,6 +129,13 @@ def test_completions_logprobs_and_echo(server, chatglm_tiny):
     streamed = "".join(x.choices[0].text for x in c.completions.create(
         model=NAME, prompt="hello", max_tokens=8, temperature=0, echo=True, stream=True) if x.choices)
     assert streamed == ch.text
+    lps, offsets = [], []  # streamed: the entries of all chunks add up to the non-streamed ones
+    for x in c.completions.create(model=NAME, prompt="hello", max_tokens=8, temperature=0, logprobs=1, echo=True,
+                                  stream=True):
+        if x.choices and x.choices[0].logprobs is not None:
+            lps += x.choices[0].logprobs.token_logprobs
+            offsets += x.choices[0].logprobs.text_offset
+    assert lps == ch.logprobs.token_logprobs and offsets == ch.logprobs.text_offset
     with pytest.raises(openai.BadRequestError, match="'logprobs' must be an integer in \\[0, 5\\]"):
         c.completions.create(model=NAME, prompt="hello", max_tokens=2, logprobs=6)
 
