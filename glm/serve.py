@@ -2,8 +2,8 @@
 
 The server only translates HTTP to requests of the engine's scheduler and back: every request gets its own cache
 row and settings, and joins the decode batch as soon as a row is free. Endpoints: `POST /v1/chat/completions`,
-`POST /v1/completions`, `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus). FastAPI, uvicorn and
-prometheus_client are imported only here.
+`POST /v1/completions`, `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /metrics` (Prometheus).
+FastAPI, uvicorn and prometheus_client are imported only here.
 """
 
 import argparse
@@ -31,7 +31,18 @@ MAX_STOP = 16  # stop strings per request
 # The request fields that are GenerationConfig settings of the same name, with the JSON type each must have.
 SETTING_FIELDS = (("temperature", (int, float), "a number"), ("top_p", (int, float), "a number"),
                   ("top_k", int, "an integer"), ("repetition_penalty", (int, float), "a number"),
-                  ("seed", int, "an integer"))
+                  ("seed", int, "an integer"), ("presence_penalty", (int, float), "a number"),
+                  ("frequency_penalty", (int, float), "a number"), ("min_p", (int, float), "a number"))
+MAX_N = 8  # choices per request (and never more than --max-batch: each choice decodes in a cache row of its own)
+MAX_LEGACY_LOGPROBS = 5  # /v1/completions' logprobs limit (OpenAI's)
+# The fields each endpoint understands; any other (not null) is a 400 naming it, so that nothing is silently
+# ignored. The last group are fields that change nothing here (bookkeeping of OpenAI's own), accepted as such.
+_COMMON = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
+           "seed", "stop", "n", "presence_penalty", "frequency_penalty", "logit_bias", "min_p", "ignore_eos",
+           "logprobs", "user", "metadata", "store", "service_tier"}
+CHAT_FIELDS = frozenset(_COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format",
+                                   "parallel_tool_calls"})
+COMPLETION_FIELDS = frozenset(_COMMON | {"prompt", "echo"})
 
 
 def _port(s: str) -> int:
@@ -66,9 +77,10 @@ class APIError(Exception):
     """An OpenAI-style error response."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -133,7 +145,7 @@ def create_app(m, name: str, api_key: str | None = None):
 
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(404)
     async def _not_found(request, _):
@@ -167,8 +179,26 @@ def create_app(m, name: str, api_key: str | None = None):
                            code="model_not_found", param="model")
         return body
 
-    def settings(body: dict, prompt_len: int) -> tuple[GenerationConfig, bool, bool]:
-        """(config, stream, include_usage) of a request, or an APIError.
+    def config_error(e: GenerationError, names: dict) -> APIError:
+        """GenerationConfig's "<field> must be ..." as a 400 naming the field as the client sent it."""
+        field, _, why = str(e).partition(" ")
+        param = names.get(field, field)
+        return APIError(400, f"'{param}' {why}", param=param)
+
+    def check_fields(body: dict, allowed: frozenset, endpoint: str) -> None:
+        """A 400 naming the first field this endpoint does not implement (null counts as left out)."""
+        for key in sorted(k for k, v in body.items() if v is not None and k not in allowed):
+            if key == "best_of":
+                raise APIError(400, "'best_of' is not supported: send n for several choices", param=key)
+            raise APIError(400, f"'{key}' is not supported by {endpoint} on this server (see docs/serve.md for "
+                                "the fields it implements)", param=key)
+        fmt = body.get("response_format")
+        if fmt is not None and fmt != {"type": "text"}:
+            raise APIError(400, "'response_format' is not supported: only {\"type\": \"text\"}",
+                           param="response_format")
+
+    def settings(body: dict, prompt_len: int, chat: bool) -> tuple[GenerationConfig, dict]:
+        """(config, options) of a request, or an APIError; options: stream, include_usage, n, echo.
 
         Here the fields' JSON types are checked; their values are GenerationConfig's to judge, whose message is the
         error (naming the field as the client sent it). Fields left out take the official chat's values
@@ -179,12 +209,37 @@ def create_app(m, name: str, api_key: str | None = None):
             v = _field(body, key, kinds, what=what)
             if v is not None:
                 given[key] = v
-        n = _field(body, "n", int, 1, lambda v: v == 1, "1 (one choice per request)")
-        del n
+        bias = _field(body, "logit_bias", dict, what="an object of token ids (as strings) to numbers")
+        if bias is not None:  # JSON keys are strings: OpenAI's token ids are sent as "1234"
+            given["logit_bias"] = {}
+            for k, v in bias.items():
+                try:
+                    given["logit_bias"][int(k)] = v
+                except ValueError:
+                    raise APIError(400, f"'logit_bias' keys must be token ids (integers as strings), got "
+                                        f"{json.dumps(k)[:40]}", param="logit_bias") from None
+        top_n = min(MAX_N, sched.max_batch)
+        n = _field(body, "n", int, 1, lambda v: 1 <= v <= top_n,
+                   f"an integer in [1, {top_n}] (up to {MAX_N}, and this server's --max-batch)")
+        names = {"max_new_tokens": "max_tokens", "stop_at_eos": "ignore_eos"}  # GenerationConfig's -> the client's
+        echo = False
+        if chat:
+            if _field(body, "logprobs", bool, False, what="true or false"):
+                top = _field(body, "top_logprobs", int, 0, what="an integer")
+                given["logprobs"] = top
+                names["logprobs"] = "top_logprobs"
+            elif body.get("top_logprobs") is not None:
+                raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        else:
+            lp = _field(body, "logprobs", int, None, lambda v: 0 <= v <= MAX_LEGACY_LOGPROBS,
+                        f"an integer in [0, {MAX_LEGACY_LOGPROBS}]")
+            if lp is not None:
+                given["logprobs"] = lp
+            echo = _field(body, "echo", bool, False, what="true or false")
         length_key = "max_tokens"  # or its newer name, which wins when both are sent
         max_tokens = _field(body, "max_tokens", int, what="an integer")
         if body.get("max_completion_tokens") is not None:
-            length_key = "max_completion_tokens"
+            length_key = names["max_new_tokens"] = "max_completion_tokens"
             max_tokens = _field(body, length_key, int, what="an integer")
         stop = body.get("stop")
         # Not a range of the setting: a bound on the work of matching each token against the stop strings.
@@ -194,16 +249,13 @@ def create_app(m, name: str, api_key: str | None = None):
         stream = _field(body, "stream", bool, False, what="true or false")
         opts = _field(body, "stream_options", dict, {}, what="an object")
         usage = _field(opts, "include_usage", bool, False, what="true or false")
-        names = {"max_new_tokens": length_key, "stop_at_eos": "ignore_eos"}  # GenerationConfig's -> the client's
         try:
             # max_length None: the length is max_tokens, within the context (CHAT_DEFAULTS' is the chat's 2048).
             config = CHAT_DEFAULTS.replace(max_length=None, max_new_tokens=max_tokens,
                                            stop=stop if stop is not None else (), stop_at_eos=not ignore_eos,
                                            **given)
-        except GenerationError as e:  # "<field> must be ...": the field as the client named it, then the rest
-            field, _, why = str(e).partition(" ")
-            param = names.get(field, field)
-            raise APIError(400, f"'{param}' {why}", param=param) from None
+        except GenerationError as e:
+            raise config_error(e, names) from None
         limit = m.max_context
         if max_tokens is None:
             if prompt_len >= limit:
@@ -215,7 +267,7 @@ def create_app(m, name: str, api_key: str | None = None):
             raise APIError(400, f"the prompt ({prompt_len} tokens) plus {length_key} ({max_tokens}) is over the "
                                 f"context of {limit} tokens by {over}: shorten the prompt or lower {length_key}",
                            param=length_key, code="context_length")
-        return config, stream, usage
+        return config, {"stream": stream, "include_usage": usage, "n": n, "echo": echo}
 
     def chat_prompt(body: dict) -> str:
         """The official template from OpenAI messages (see docs/serve.md for what a system message does)."""
@@ -224,9 +276,9 @@ def create_app(m, name: str, api_key: str | None = None):
             raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
         system, turns = [], []
         for i, msg in enumerate(messages):
-            if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
-                raise APIError(400, f"messages[{i}] must be an object with a role of system, user or assistant",
-                               param="messages")
+            if not isinstance(msg, dict) or msg.get("role") not in ("system", "developer", "user", "assistant"):
+                raise APIError(400, f"messages[{i}] must be an object with a role of system, developer, user or "
+                                    "assistant", param="messages")
             content = msg.get("content")
             if isinstance(content, list):  # content parts: only text is understood
                 if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -235,7 +287,7 @@ def create_app(m, name: str, api_key: str | None = None):
                 content = "".join(p["text"] for p in content)
             if not isinstance(content, str):
                 raise APIError(400, f"messages[{i}].content must be a string", param="messages")
-            if msg["role"] == "system":
+            if msg["role"] in ("system", "developer"):  # OpenAI's newer name of the system role
                 if turns:
                     raise APIError(400, "system messages must come first", param="messages")
                 system.append(content)
@@ -251,105 +303,191 @@ def create_app(m, name: str, api_key: str | None = None):
         history = list(zip(texts[0:-1:2], texts[1:-1:2]))
         return build_prompt(texts[-1], history)
 
-    def submit(ids: list[int], config: GenerationConfig):
-        """Queue a request whose events arrive on an asyncio queue of this loop."""
+    def submit(ids: list[int], config: GenerationConfig, n: int, chat: bool):
+        """Queue n choices of a prompt, whose (choice, event) pairs arrive on an asyncio queue of this loop."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        try:
-            req = m.submit(ids, config, sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
-        except QueueFull as e:
-            raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
-        except GenerationError as e:
-            raise APIError(400, str(e)) from None
-        metrics.prompt.inc(len(ids))
-        return req, events
+        reqs: list = []
 
-    async def tokens(req, events, request: Request | None = None):
-        """The new ids of a request; cancels it if the consumer goes away (or the client disconnects)."""
-        first = True
+        def arrive(j: int, ev) -> None:  # on the loop; every ending is counted here, a cancelled one too
+            if ev is None or isinstance(ev, BaseException):
+                metrics.finished.labels(reqs[j].result.finish_reason).inc()
+            events.put_nowait((j, ev))
+
         try:
-            while True:
+            # A chat's stop strings match the reply as the client gets it (process_response's text).
+            reqs += m.submit(ids, config, n=n, postprocess=process_response if chat else None,
+                             sink=lambda j, ev: loop.call_soon_threadsafe(arrive, j, ev))
+        except QueueFull as e:
+            raise APIError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        except GenerationError as e:
+            raise config_error(e, {}) from None
+        metrics.prompt.inc(len(ids))
+        return reqs, events
+
+    async def tokens(reqs: list, events, request: Request | None = None):
+        """(choice, new id or None at its end) of a request's choices until all have ended; cancels them if the
+        consumer goes away (or the client disconnects)."""
+        live, first = len(reqs), True
+        try:
+            while live:
                 if request is None:
-                    ev = await events.get()
+                    j, ev = await events.get()
                 else:  # nothing is being sent: look for a disconnected client from time to time
                     try:
-                        ev = await asyncio.wait_for(events.get(), POLL_DISCONNECT)
+                        j, ev = await asyncio.wait_for(events.get(), POLL_DISCONNECT)
                     except asyncio.TimeoutError:
                         if await request.is_disconnected():
                             return
                         continue
-                if ev is None:
-                    metrics.finished.labels(req.result.finish_reason).inc()
-                    return
                 if isinstance(ev, BaseException):
                     log.error("generation failed: %s: %s", type(ev).__name__, ev)
                     raise APIError(500, f"generation failed: {type(ev).__name__}: {ev}", "server_error")
-                if first:
-                    metrics.ttft.observe(req.first_token_at - req.arrived)
-                    first = False
-                metrics.generated.inc()
-                yield ev
+                if ev is None:
+                    live -= 1
+                else:
+                    if first:
+                        metrics.ttft.observe(reqs[j].first_token_at - reqs[j].arrived)
+                        first = False
+                    metrics.generated.inc()
+                yield j, ev
         finally:
-            req.cancel()  # a no-op once it has ended; frees the row at once otherwise
+            for r in reqs:
+                r.cancel()  # a no-op once it has ended; frees the row at once otherwise
 
-    def usage(req) -> dict:
-        p, c = len(req.prompt), len(req.tokens)
+    def usage(reqs: list) -> dict:
+        """The prompt once (one prefill), the completion tokens of all choices."""
+        p, c = len(reqs[0].prompt), sum(len(r.tokens) for r in reqs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    async def run(request: Request, prompt_ids: list[int], body: dict, chat: bool):
-        config, stream, include_usage = settings(body, len(prompt_ids))
-        req, events = submit(prompt_ids, config)
+    def token_text(i: int) -> str:
+        return m.tokenizer.decode([i])
+
+    def chat_logprobs(entries: list) -> dict:
+        """OpenAI's chat shape of (id, logprob, [(id, logprob)]) entries."""
+        def one(i, lp):
+            t = token_text(i)
+            return {"token": t, "logprob": lp, "bytes": list(t.encode())}
+
+        return {"content": [{**one(i, lp), "top_logprobs": [one(a, b) for a, b in top]} for i, lp, top in entries],
+                "refusal": None}
+
+    def legacy_logprobs(entries: list, offset: int) -> tuple[dict, int]:
+        """OpenAI's legacy completions shape of entries whose text starts at character `offset`; and the offset
+        after them. A None logprob (the first prompt token's, under echo) has None for its alternatives too."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for i, lp, top in entries:
+            t = token_text(i)
+            out["tokens"].append(t)
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append(None if lp is None else {token_text(a): b for a, b in top})
+            out["text_offset"].append(offset)
+            offset += len(t)
+        return out, offset
+
+    async def prompt_logprobs(ids: list[int], k: int) -> list:
+        """The entries of the prompt's tokens (the first has no logprob): one uncached forward, off the loop."""
+        import torch
+
+        def work():
+            with torch.inference_mode():
+                lp = m.logits(ids).float().log_softmax(-1)
+            out = [(ids[0], None, [])]
+            for i in range(1, len(ids)):
+                top = lp[i - 1].topk(k) if k else None
+                out.append((ids[i], lp[i - 1, ids[i]].item(),
+                            list(zip(top.indices.tolist(), top.values.tolist())) if k else []))
+            return out
+
+        return await asyncio.to_thread(work)
+
+    async def run(request: Request, prompt_ids: list[int], body: dict, chat: bool, prompt_text: str = ""):
+        config, o = settings(body, len(prompt_ids), chat)
+        stream, n, echo, want_lp = o["stream"], o["n"], o["echo"], config.logprobs is not None
+        echoed = prompt_text if echo else ""
+        head = await prompt_logprobs(prompt_ids, config.logprobs) if echo and want_lp else []
+        reqs, events = submit(prompt_ids, config, n, chat)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion" if chat else "text_completion"
-        dec = StreamDecoder(m.tokenizer)
-        text = SettledText(config.stop, chat=chat)
+        decs = [StreamDecoder(m.tokenizer) for _ in range(n)]
+        texts = [SettledText(config.stop, chat=chat) for _ in range(n)]
+        seen = [0] * n  # tokens of each choice received here
+        sent = [0] * n  # of them, those whose logprobs have been sent
+        offset = [len(echoed)] * n  # legacy text_offset of each choice's next token
 
-        def reply_now() -> str:
-            return process_response(dec.current) if chat else dec.current
+        def reply_now(j: int) -> str:
+            return process_response(decs[j].current) if chat else decs[j].current
 
-        def choice(content: str | None, finish: str | None, delta: bool) -> dict:
+        def logprobs_upto(j: int, head_: list = ()):
+            """The logprobs of choice j's tokens not yet sent (after `head_`), in the endpoint's shape."""
+            if not want_lp:
+                return None
+            r = reqs[j]
+            new = [(r.tokens[i], r.logprobs[i].logprob, r.logprobs[i].top) for i in range(sent[j], seen[j])]
+            sent[j] = seen[j]
+            if chat:
+                return chat_logprobs(new)
+            out, _ = legacy_logprobs(head_, 0)  # the echoed prompt's tokens, from the start of the text
+            more, offset[j] = legacy_logprobs(new, offset[j])
+            return {k: out[k] + more[k] for k in out}
+
+        def choice(j: int, content: str | None, finish: str | None, delta: bool, lp=None) -> dict:
             if chat:
                 body_ = {"role": "assistant", "content": content} if not delta else (
                     {"content": content} if content is not None else {})
-                return {"index": 0, ("delta" if delta else "message"): body_, "finish_reason": finish,
-                        "logprobs": None}
-            return {"index": 0, "text": content or "", "finish_reason": finish, "logprobs": None}
+                return {"index": j, ("delta" if delta else "message"): body_, "finish_reason": finish, "logprobs": lp}
+            return {"index": j, "text": content or "", "finish_reason": finish, "logprobs": lp}
 
         def envelope(choices: list, **extra) -> dict:
+            if stream and o["include_usage"]:  # OpenAI's: every chunk has the field, null but in the last
+                extra.setdefault("usage", None)
             return {"id": rid, "object": obj + (".chunk" if stream and chat else ""), "created": int(time.time()),
                     "model": name, "choices": choices, **extra}
 
         if not stream:
-            async for t in tokens(req, events, request):
-                dec.put(t)
-            if req.result is None:  # the client went away
+            ended = 0
+            async for j, t in tokens(reqs, events, request):
+                if t is None:
+                    ended += 1
+                else:
+                    decs[j].put(t)
+                    seen[j] += 1
+            if ended < n:  # the client went away
                 return JSONResponse({}, status_code=499)
-            final = text.cut(reply_now())
-            return JSONResponse(envelope([choice(final, req.result.finish_reason, False)], usage=usage(req)))
+            out = [choice(j, echoed + texts[j].cut(reply_now(j)), reqs[j].result.finish_reason, False,
+                          logprobs_upto(j, head)) for j in range(n)]
+            return JSONResponse(envelope(out, usage=usage(reqs)))
 
         async def sse():
             def line(payload) -> str:
                 return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-            if chat:
-                yield line(envelope([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                      "finish_reason": None, "logprobs": None}]))
+            for j in range(n):
+                if chat:
+                    yield line(envelope([{"index": j, "delta": {"role": "assistant", "content": ""},
+                                          "finish_reason": None, "logprobs": None}]))
+                elif echo:
+                    yield line(envelope([choice(j, echoed, None, True, logprobs_upto(j, head))]))
             try:
-                async for t in tokens(req, events):
-                    dec.put(t)
-                    delta = text.update(reply_now())
-                    if delta:
-                        yield line(envelope([choice(delta, None, True)]))
+                async for j, t in tokens(reqs, events):
+                    if t is not None:
+                        decs[j].put(t)
+                        seen[j] += 1
+                        delta = texts[j].update(reply_now(j))
+                        if delta:  # with the logprobs of the tokens received so far
+                            yield line(envelope([choice(j, delta, None, True, logprobs_upto(j))]))
+                        continue
+                    rest = texts[j].finish(reply_now(j))
+                    if rest:
+                        yield line(envelope([choice(j, rest, None, True, logprobs_upto(j))]))
+                    yield line(envelope([choice(j, None if chat else "", reqs[j].result.finish_reason, True,
+                                                logprobs_upto(j) if sent[j] < seen[j] else None)]))
             except APIError as e:
                 yield line(e.body())
                 yield "data: [DONE]\n\n"
                 return
-            rest = text.finish(reply_now())
-            if rest:
-                yield line(envelope([choice(rest, None, True)]))
-            yield line(envelope([choice(None if chat else "", req.result.finish_reason, True)]))
-            if include_usage:
-                yield line(envelope([], usage=usage(req)))
+            if o["include_usage"]:
+                yield line(envelope([], usage=usage(reqs)))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream",
@@ -358,22 +496,35 @@ def create_app(m, name: str, api_key: str | None = None):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request)
+        check_fields(body, CHAT_FIELDS, "/v1/chat/completions")
         return await run(request, m.tokenizer.encode(chat_prompt(body)), body, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request)
+        check_fields(body, COMPLETION_FIELDS, "/v1/completions")
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise APIError(400, "'prompt' must be a string (one prompt per request)", param="prompt")
-        return await run(request, m.tokenizer.encode(prompt), body, chat=False)
+        return await run(request, m.tokenizer.encode(prompt), body, chat=False, prompt_text=prompt)
+
+    def model_card() -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "glm"}
 
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "glm"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str):
+        authorize(request)
+        if model_id != name:
+            raise APIError(404, f"the model '{model_id}' does not exist: this server serves '{name}'",
+                           code="model_not_found", param="model")
+        return model_card()
 
     @app.get("/health")
     async def health():

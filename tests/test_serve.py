@@ -179,9 +179,9 @@ MSG = [{"role": "user", "content": "你好"}]
     (dict(model=NAME, messages=MSG, top_p=1.5), 400, "'top_p' must be"),
     (dict(model=NAME, messages=MSG, max_tokens=0), 400, "'max_tokens' must be"),
     (dict(model=NAME, messages=MSG, max_tokens="many"), 400, "'max_tokens' must be"),
-    (dict(model=NAME, messages=MSG, seed=-3), 400, "'seed' must be"),
+    (dict(model=NAME, messages=MSG, seed=2**64), 400, "'seed' must be"),
     (dict(model=NAME, messages=MSG, stop=[""]), 400, "'stop' must be"),
-    (dict(model=NAME, messages=MSG, n=2), 400, "'n' must be"),
+    (dict(model=NAME, messages=MSG, n=5), 400, "'n' must be an integer in [1, 4]"),
     (dict(model=NAME, messages=MSG, temperature="hot"), 400, "'temperature' must be a number, got \"hot\""),
     (dict(model=NAME, messages=MSG, top_k=1.5), 400, "'top_k' must be an integer, got 1.5"),
     (dict(model=NAME, messages=MSG, max_completion_tokens=0), 400, "'max_completion_tokens' must be a positive"),
@@ -191,7 +191,8 @@ MSG = [{"role": "user", "content": "你好"}]
     (dict(model=NAME, messages=[{"role": "assistant", "content": "hi"}]), 400, "must alternate user and assistant"),
     (dict(model=NAME, messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]), 400,
      "must alternate"),
-    (dict(model=NAME, messages=[{"role": "tool", "content": "a"}]), 400, "role of system, user or assistant"),
+    (dict(model=NAME, messages=[{"role": "tool", "content": "a"}]), 400,
+     "role of system, developer, user or assistant"),
     (dict(model=NAME, messages=[{"role": "user", "content": 5}]), 400, "content must be a string"),
     (dict(model=NAME, messages=MSG, max_tokens=2046), 400, "over the context of 2048 tokens by 2"),
     (dict(model="gpt-4", messages=MSG), 404, "does not exist"),
@@ -207,8 +208,8 @@ def test_errors_are_openai_style_and_the_server_goes_on(server, body, status, ne
 
 
 @pytest.mark.parametrize("field, value", [
-    ("temperature", -1), ("temperature", -0.5), ("top_p", 0), ("top_p", 1.5), ("top_k", -1),
-    ("repetition_penalty", 0), ("repetition_penalty", -2.5), ("seed", -3), ("seed", 2**64), ("stop", [""]),
+    ("temperature", -1), ("temperature", -0.5), ("top_p", 0), ("top_p", 1.5), ("top_k", -2),
+    ("repetition_penalty", 0), ("repetition_penalty", -2.5), ("seed", -2**63 - 1), ("seed", 2**64), ("stop", [""]),
     ("stop", 5), ("max_tokens", 0), ("max_tokens", -7),
 ])
 def test_setting_errors_are_generation_config_messages(server, field, value):
