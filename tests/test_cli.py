@@ -259,7 +259,7 @@ def test_error_cuda_without_cuda():
     (["--top-p", "x"], "argument --top-p: expected a number, got 'x'"),
     (["--max-length", "0"], "argument --max-length: must be a positive"),
     (["--temperature", "-1"], "argument --temperature: must be a number >= 0"),
-    (["--seed", "99999999999999999999999"], "argument --seed: must be an integer in [0, 2**64)"),
+    (["--seed", "99999999999999999999999"], "argument --seed: must be an integer in [-2**63, 2**64)"),
     (["--seed", "x"], "argument --seed: expected an integer or none, got 'x'"),
     (["--max-context", "1"], "argument --max-context: expected an integer in [2, 1048576]"),
     (["--top-k", "x"], "argument --top-k: expected an integer"),
@@ -281,8 +281,8 @@ def test_error_bad_option_values(args, needle):
 
 @pytest.mark.parametrize("option, value", [
     ("max-length", "0"), ("max-length", "-3"), ("top-p", "0"), ("top-p", "1.5"), ("top-p", "inf"),
-    ("temperature", "-1"), ("temperature", "nan"), ("top-k", "-1"), ("repetition-penalty", "0"),
-    ("repetition-penalty", "-inf"), ("seed", "-1"), ("seed", str(2**64)),
+    ("temperature", "-1"), ("temperature", "nan"), ("top-k", "-2"), ("repetition-penalty", "0"),
+    ("repetition-penalty", "-inf"), ("seed", str(-(2**63) - 1)), ("seed", str(2**64)),
 ])
 def test_option_range_errors_are_generation_config_messages(option, value, capsys):
     """Each option's range is GenerationConfig's, and its message is the error: at the command line (argparse's
