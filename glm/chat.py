@@ -124,9 +124,10 @@ def replies(engine, request: Request) -> Iterator[tuple[str, bool]]:
     """
     dec = StreamDecoder(engine.tokenizer)
     try:
-        for t in request:
+        for n, t in enumerate(request, 1):
             dec.put(t)
-            yield process_response(dec.current), request.ending is not None
+            # The scheduler may be tokens ahead of this reader: the last token is known by count, not by `ending`.
+            yield process_response(dec.current), request.is_last(n)
     finally:
         request.cancel()
     if request.result is not None and request.result.nan:

@@ -95,3 +95,17 @@ def test_stream_chat_final_ends_on_the_chat_reply(chatglm_tiny, i):
     values = [r for r, _ in chatglm_tiny.stream_chat(case["query"], history, max_length=case["max_length"],
                                                      do_sample=False, final=True)]
     assert values[:-1] == case["stream"] and values[-1] == case["response"]
+
+
+def test_a_slow_reader_of_the_official_stream_gets_every_value(chatglm_tiny):
+    """The scheduler runs ahead of a reader that takes its time; the official stream (which skips the last token's
+    value) must still end where it ends for a fast reader."""
+    import time
+
+    kw = dict(max_length=30, do_sample=False)
+    fast = list(chatglm_tiny.stream_chat("你好", **kw))
+    slow = []
+    for value in chatglm_tiny.stream_chat("你好", **kw):
+        slow.append(value)
+        time.sleep(0.02)
+    assert slow == fast and len(fast) > 1

@@ -57,6 +57,7 @@ class Request:
         self.result: Result | None = None
         self.nan = False
         self.ending: str | None = None  # the finish reason, set just before the last token is handed out
+        self.n_final: int | None = None  # how many tokens the request ends with, known when the last one is handed out
         self.error: BaseException | None = None
         self.arrived = time.perf_counter()
         self.first_token_at: float | None = None
@@ -92,6 +93,10 @@ class Request:
         if self.error is not None:
             raise self.error
 
+    def is_last(self, n: int) -> bool:
+        """Whether the n-th token read (1-based) is the request's last one."""
+        return self.n_final is not None and n == self.n_final
+
     def wait(self) -> Result:
         for _ in self:
             pass
@@ -100,6 +105,8 @@ class Request:
     # Called by the scheduler's worker thread only.
     def _emit(self, tok: int) -> None:
         self.tokens.append(tok)
+        if self.ending is not None:  # a reader behind the scheduler tells its last token by this count, not `ending`
+            self.n_final = len(self.tokens)
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         self._put(tok)
