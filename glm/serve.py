@@ -15,6 +15,18 @@ import sys
 import time
 import uuid
 
+from glm.openai_protocol import (
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    APIError,
+    chat_logprobs,
+    chat_prompt,
+    check_fields,
+    config_error,
+    field,
+    legacy_logprobs,
+    request_settings,
+)
 from glm.options import (
     ArgumentParser,
     CLIError,
@@ -27,22 +39,6 @@ from glm.options import (
 
 log = logging.getLogger("glm.serve")
 POLL_DISCONNECT = 0.5  # seconds between checks that a non-streaming client is still there
-MAX_STOP = 16  # stop strings per request
-# The request fields that are GenerationConfig settings of the same name, with the JSON type each must have.
-SETTING_FIELDS = (("temperature", (int, float), "a number"), ("top_p", (int, float), "a number"),
-                  ("top_k", int, "an integer"), ("repetition_penalty", (int, float), "a number"),
-                  ("seed", int, "an integer"), ("presence_penalty", (int, float), "a number"),
-                  ("frequency_penalty", (int, float), "a number"), ("min_p", (int, float), "a number"))
-MAX_N = 8  # choices per request (and never more than --max-batch: each choice decodes in a cache row of its own)
-MAX_LEGACY_LOGPROBS = 5  # /v1/completions' logprobs limit (OpenAI's)
-# The fields each endpoint understands; any other (not null) is a 400 naming it, so that nothing is silently
-# ignored. The last group are fields that change nothing here (bookkeeping of OpenAI's own), accepted as such.
-_COMMON = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
-           "seed", "stop", "n", "presence_penalty", "frequency_penalty", "logit_bias", "min_p", "ignore_eos",
-           "logprobs", "user", "metadata", "store", "service_tier"}
-CHAT_FIELDS = frozenset(_COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format",
-                                   "parallel_tool_calls"})
-COMPLETION_FIELDS = frozenset(_COMMON | {"prompt", "echo"})
 
 
 def _port(s: str) -> int:
@@ -71,33 +67,6 @@ def build_parser(prog: str = "glm-serve") -> ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------------- errors
-
-
-class APIError(Exception):
-    """An OpenAI-style error response."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _field(body: dict, name: str, kinds, default=None, check=None, what: str = ""):
-    """body[name] if present, of a JSON type in `kinds` and passing `check`; else an APIError naming it."""
-    v = body.get(name)
-    if v is None:
-        return default
-    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-    if (isinstance(v, bool) and bool not in kinds) or not isinstance(v, kinds) or (check and not check(v)):
-        raise APIError(400, f"'{name}' must be {what}, got {json.dumps(v)[:60]}", param=name)
-    return v
-
-
-# ---------------------------------------------------------------------------------------------------- the app
 
 
 class Metrics:
@@ -133,9 +102,9 @@ def create_app(m, name: str, api_key: str | None = None):
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    from glm.chat import SettledText, build_prompt, process_response
+    from glm.chat import SettledText, process_response
     from glm.errors import GenerationError, QueueFull
-    from glm.generation import CHAT_DEFAULTS, GenerationConfig
+    from glm.generation import GenerationConfig
     from glm.tokenizer import StreamDecoder
 
     app = FastAPI(title="glm-serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -171,137 +140,13 @@ def create_app(m, name: str, api_key: str | None = None):
             raise APIError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
-        model = _field(body, "model", str, what="a string")
+        model = field(body, "model", str, what="a string")
         if model is None:
             raise APIError(400, "'model' is required", param="model")
         if model != name:
             raise APIError(404, f"the model '{model}' does not exist: this server serves '{name}'",
                            code="model_not_found", param="model")
         return body
-
-    def config_error(e: GenerationError, names: dict) -> APIError:
-        """GenerationConfig's "<field> must be ..." as a 400 naming the field as the client sent it."""
-        field, _, why = str(e).partition(" ")
-        param = names.get(field, field)
-        return APIError(400, f"'{param}' {why}", param=param)
-
-    def check_fields(body: dict, allowed: frozenset, endpoint: str) -> None:
-        """A 400 naming the first field this endpoint does not implement (null counts as left out)."""
-        for key in sorted(k for k, v in body.items() if v is not None and k not in allowed):
-            if key == "best_of":
-                raise APIError(400, "'best_of' is not supported: send n for several choices", param=key)
-            raise APIError(400, f"'{key}' is not supported by {endpoint} on this server (see docs/serve.md for "
-                                "the fields it implements)", param=key)
-        fmt = body.get("response_format")
-        if fmt is not None and fmt != {"type": "text"}:
-            raise APIError(400, "'response_format' is not supported: only {\"type\": \"text\"}",
-                           param="response_format")
-
-    def settings(body: dict, prompt_len: int, chat: bool) -> tuple[GenerationConfig, dict]:
-        """(config, options) of a request, or an APIError; options: stream, include_usage, n, echo.
-
-        Here the fields' JSON types are checked; their values are GenerationConfig's to judge, whose message is the
-        error (naming the field as the client sent it). Fields left out take the official chat's values
-        (CHAT_DEFAULTS); temperature 0 is greedy, as OpenAI's.
-        """
-        given = {}
-        for key, kinds, what in SETTING_FIELDS:
-            v = _field(body, key, kinds, what=what)
-            if v is not None:
-                given[key] = v
-        bias = _field(body, "logit_bias", dict, what="an object of token ids (as strings) to numbers")
-        if bias is not None:  # JSON keys are strings: OpenAI's token ids are sent as "1234"
-            given["logit_bias"] = {}
-            for k, v in bias.items():
-                try:
-                    given["logit_bias"][int(k)] = v
-                except ValueError:
-                    raise APIError(400, f"'logit_bias' keys must be token ids (integers as strings), got "
-                                        f"{json.dumps(k)[:40]}", param="logit_bias") from None
-        top_n = min(MAX_N, sched.max_batch)
-        n = _field(body, "n", int, 1, lambda v: 1 <= v <= top_n,
-                   f"an integer in [1, {top_n}] (up to {MAX_N}, and this server's --max-batch)")
-        names = {"max_new_tokens": "max_tokens", "stop_at_eos": "ignore_eos"}  # GenerationConfig's -> the client's
-        echo = False
-        if chat:
-            if _field(body, "logprobs", bool, False, what="true or false"):
-                top = _field(body, "top_logprobs", int, 0, what="an integer")
-                given["logprobs"] = top
-                names["logprobs"] = "top_logprobs"
-            elif body.get("top_logprobs") is not None:
-                raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-        else:
-            lp = _field(body, "logprobs", int, None, lambda v: 0 <= v <= MAX_LEGACY_LOGPROBS,
-                        f"an integer in [0, {MAX_LEGACY_LOGPROBS}]")
-            if lp is not None:
-                given["logprobs"] = lp
-            echo = _field(body, "echo", bool, False, what="true or false")
-        length_key = "max_tokens"  # or its newer name, which wins when both are sent
-        max_tokens = _field(body, "max_tokens", int, what="an integer")
-        if body.get("max_completion_tokens") is not None:
-            length_key = names["max_new_tokens"] = "max_completion_tokens"
-            max_tokens = _field(body, length_key, int, what="an integer")
-        stop = body.get("stop")
-        # Not a range of the setting: a bound on the work of matching each token against the stop strings.
-        if isinstance(stop, list) and len(stop) > MAX_STOP:
-            raise APIError(400, f"'stop' may hold up to {MAX_STOP} strings, got {len(stop)}", param="stop")
-        ignore_eos = _field(body, "ignore_eos", bool, False, what="true or false")  # ours: fixed-length replies
-        stream = _field(body, "stream", bool, False, what="true or false")
-        opts = _field(body, "stream_options", dict, {}, what="an object")
-        usage = _field(opts, "include_usage", bool, False, what="true or false")
-        try:
-            # max_length None: the length is max_tokens, within the context (CHAT_DEFAULTS' is the chat's 2048).
-            config = CHAT_DEFAULTS.replace(max_length=None, max_new_tokens=max_tokens,
-                                           stop=stop if stop is not None else (), stop_at_eos=not ignore_eos,
-                                           **given)
-        except GenerationError as e:
-            raise config_error(e, names) from None
-        limit = m.max_context
-        if max_tokens is None:
-            if prompt_len >= limit:
-                raise APIError(400, f"the prompt is {prompt_len} tokens, over the context of {limit} tokens by "
-                                    f"{prompt_len + 1 - limit}: shorten it", param="messages", code="context_length")
-            config = config.replace(max_new_tokens=limit - prompt_len)
-        elif prompt_len + max_tokens > limit:
-            over = prompt_len + max_tokens - limit
-            raise APIError(400, f"the prompt ({prompt_len} tokens) plus {length_key} ({max_tokens}) is over the "
-                                f"context of {limit} tokens by {over}: shorten the prompt or lower {length_key}",
-                           param=length_key, code="context_length")
-        return config, {"stream": stream, "include_usage": usage, "n": n, "echo": echo}
-
-    def chat_prompt(body: dict) -> str:
-        """The official template from OpenAI messages (see docs/serve.md for what a system message does)."""
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
-        system, turns = [], []
-        for i, msg in enumerate(messages):
-            if not isinstance(msg, dict) or msg.get("role") not in ("system", "developer", "user", "assistant"):
-                raise APIError(400, f"messages[{i}] must be an object with a role of system, developer, user or "
-                                    "assistant", param="messages")
-            content = msg.get("content")
-            if isinstance(content, list):  # content parts: only text is understood
-                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                           for p in content):
-                    raise APIError(400, f"messages[{i}]: only text content parts are supported", param="messages")
-                content = "".join(p["text"] for p in content)
-            if not isinstance(content, str):
-                raise APIError(400, f"messages[{i}].content must be a string", param="messages")
-            if msg["role"] in ("system", "developer"):  # OpenAI's newer name of the system role
-                if turns:
-                    raise APIError(400, "system messages must come first", param="messages")
-                system.append(content)
-            else:
-                turns.append((msg["role"], content))
-        roles = [r for r, _ in turns]
-        if not roles or roles != ["user", "assistant"] * (len(roles) // 2) + ["user"]:
-            raise APIError(400, "messages must alternate user and assistant turns (after any system message) and "
-                                "end with a user message", param="messages")
-        texts = [c for _, c in turns]
-        if system:  # ChatGLM-6B has no system role: the system text opens the first user message
-            texts[0] = "\n".join(system + [texts[0]])
-        history = list(zip(texts[0:-1:2], texts[1:-1:2]))
-        return build_prompt(texts[-1], history)
 
     def submit(ids: list[int], config: GenerationConfig, n: int, chat: bool):
         """Queue n choices of a prompt, whose (choice, event) pairs arrive on an asyncio queue of this loop."""
@@ -363,28 +208,6 @@ def create_app(m, name: str, api_key: str | None = None):
     def token_text(i: int) -> str:
         return m.tokenizer.decode([i])
 
-    def chat_logprobs(entries: list) -> dict:
-        """OpenAI's chat shape of (id, logprob, [(id, logprob)]) entries."""
-        def one(i, lp):
-            t = token_text(i)
-            return {"token": t, "logprob": lp, "bytes": list(t.encode())}
-
-        return {"content": [{**one(i, lp), "top_logprobs": [one(a, b) for a, b in top]} for i, lp, top in entries],
-                "refusal": None}
-
-    def legacy_logprobs(entries: list, offset: int) -> tuple[dict, int]:
-        """OpenAI's legacy completions shape of entries whose text starts at character `offset`; and the offset
-        after them. A None logprob (the first prompt token's, under echo) has None for its alternatives too."""
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for i, lp, top in entries:
-            t = token_text(i)
-            out["tokens"].append(t)
-            out["token_logprobs"].append(lp)
-            out["top_logprobs"].append(None if lp is None else {token_text(a): b for a, b in top})
-            out["text_offset"].append(offset)
-            offset += len(t)
-        return out, offset
-
     async def prompt_logprobs(ids: list[int], k: int) -> list:
         """The entries of the prompt's tokens (the first has no logprob): one uncached forward, off the loop."""
         import torch
@@ -402,7 +225,8 @@ def create_app(m, name: str, api_key: str | None = None):
         return await asyncio.to_thread(work)
 
     async def run(request: Request, prompt_ids: list[int], body: dict, chat: bool, prompt_text: str = ""):
-        config, o = settings(body, len(prompt_ids), chat)
+        config, o = request_settings(body, len(prompt_ids), chat, max_context=m.max_context,
+                                     max_batch=sched.max_batch)
         stream, n, echo, want_lp = o["stream"], o["n"], o["echo"], config.logprobs is not None
         echoed = prompt_text if echo else ""
         head = await prompt_logprobs(prompt_ids, config.logprobs) if echo and want_lp else []
@@ -426,9 +250,9 @@ def create_app(m, name: str, api_key: str | None = None):
             new = [(r.tokens[i], r.logprobs[i].logprob, r.logprobs[i].top) for i in range(sent[j], seen[j])]
             sent[j] = seen[j]
             if chat:
-                return chat_logprobs(new)
-            out, _ = legacy_logprobs(head_, 0)  # the echoed prompt's tokens, from the start of the text
-            more, offset[j] = legacy_logprobs(new, offset[j])
+                return chat_logprobs(new, token_text)
+            out, _ = legacy_logprobs(head_, 0, token_text)  # the echoed prompt's tokens, from the start of the text
+            more, offset[j] = legacy_logprobs(new, offset[j], token_text)
             return {k: out[k] + more[k] for k in out}
 
         def choice(j: int, content: str | None, finish: str | None, delta: bool, lp=None) -> dict:

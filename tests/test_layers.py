@@ -33,6 +33,7 @@ RANKS = {
     "glm.engine": 9,
     "glm.finetune": 9,  # the trainer's library part: data, loss, loop
     "glm.options": 10,
+    "glm.openai_protocol": 10,  # glm-serve's wire format, apart from the app
     "glm.finetune.cli": 11,
     "glm.cli": 11,
     "glm.web": 11,
