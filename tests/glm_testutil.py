@@ -25,6 +25,17 @@ def golden(name: str):
     return json.loads((folder / "golden.json").read_text()), load_file(str(folder / "golden.safetensors"))
 
 
+TOL = 1e-4  # float32 parity with the reference, as the fixtures' README states
+
+
+def glm_tiny_cases():
+    """glm-tiny's goldens: (golden.json, tensors, the prompt cases, the greedy cases apart from the batch)."""
+    g, gt = golden("glm-tiny")
+    prompts = [c for c in g["cases"] if c["kind"] == "prompt"]
+    greedy = [c for c in g["cases"] if "greedy_ids" in c and c["kind"] != "batch"]
+    return g, gt, prompts, greedy
+
+
 class ServerProcess:
     """`python -m <module> --model <tiny> --port <free>` in its own process group on 127.0.0.1, its output in `log`;
     `wait` polls `health` until it answers 200, `stop` always kills the whole group. `delay_ms`: every decode step

@@ -2,15 +2,12 @@
 
 import pytest
 import torch
-from glm_testutil import FIXTURES, golden
+from glm_testutil import FIXTURES, TOL, glm_tiny_cases, golden
 
 import glm
 from glm.attention import apply_rotary_2d, rotary_cos_sin, rotary_inv_freq
 
-TOL = 1e-4  # float32 parity with the reference, as the fixtures' README states
-G, GT = golden("glm-tiny")
-PROMPTS = [c for c in G["cases"] if c["kind"] == "prompt"]
-GREEDY = [c for c in G["cases"] if "greedy_ids" in c and c["kind"] != "batch"]
+G, GT, PROMPTS, GREEDY = glm_tiny_cases()
 
 
 def _ref_logits(case):

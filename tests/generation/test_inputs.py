@@ -1,15 +1,12 @@
 """Prompt layout, 2D positions, the left-padded batch and the prompt checks."""
 
 import pytest
-from glm_testutil import FIXTURES, golden
+from glm_testutil import FIXTURES, glm_tiny_cases
 
 import glm
 from glm.generation.inputs import prompt_positions
 
-TOL = 1e-4  # float32 parity with the reference, as the fixtures' README states
-G, GT = golden("glm-tiny")
-PROMPTS = [c for c in G["cases"] if c["kind"] == "prompt"]
-GREEDY = [c for c in G["cases"] if "greedy_ids" in c and c["kind"] != "batch"]
+G, GT, PROMPTS, GREEDY = glm_tiny_cases()
 
 
 def _ref_logits(case):

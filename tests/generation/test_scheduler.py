@@ -4,14 +4,13 @@ request's output equals the same request alone."""
 import threading
 
 import pytest
-from glm_testutil import FIXTURES, golden
+from glm_testutil import FIXTURES, glm_tiny_cases, golden
 
 import glm
 from glm.errors import GenerationError
 from glm.generation.sampling import GenerationConfig
 
-GM, _ = golden("glm-tiny")
-GREEDY = [c for c in GM["cases"] if "greedy_ids" in c and c["kind"] != "batch"]
+GM, _, _, GREEDY = glm_tiny_cases()
 
 
 @pytest.fixture(scope="module")
