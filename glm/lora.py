@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")  # the linears of a GLM block
+PEFT_PREFIX = "base_model.model.transformer."  # PEFT's key prefix of our module names, for the ChatGLM-6B model
 
 
 class LoRALinear(nn.Module):
@@ -51,4 +52,4 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["TARGETS", "LoRALinear", "lora_modules", "merge_lora"]
+__all__ = ["PEFT_PREFIX", "TARGETS", "LoRALinear", "lora_modules", "merge_lora"]

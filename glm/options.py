@@ -183,7 +183,9 @@ def summary(m, name: str, ptuning: str | None = None) -> str:
         quant += ", fast CPU kernel"
     if m.config.pre_seq_len:  # set by a prefix applied with --ptuning, or stored with the checkpoint
         quant += f", P-Tuning prefix {m.config.pre_seq_len}" + (f" from {ptuning}" if ptuning else "")
-    lora = [mod for mod in m.model.modules() if type(mod).__name__ == "LoRALinear"]
+    from glm.lora import lora_modules
+
+    lora = list(lora_modules(m.model).values())
     if lora:
         quant += f", LoRA r={lora[0].lora_A.shape[0]} on {len(lora)} linears"
     dtype = str(m.dtype).removeprefix("torch.")

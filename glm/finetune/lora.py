@@ -5,9 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from glm.finetune.prefix import net_of
-from glm.lora import lora_modules
-
-PEFT_PREFIX = "base_model.model.transformer."  # PEFT's key prefix for the ChatGLM-6B model
+from glm.lora import PEFT_PREFIX, lora_modules
 
 
 def lora_parameters(m) -> dict[str, nn.Parameter]:

@@ -13,9 +13,9 @@ from torch import nn
 from glm.config import read_json
 from glm.errors import CheckpointError
 from glm.loader.reading import read_tensors
+from glm.lora import PEFT_PREFIX as PREFIX
 from glm.lora import TARGETS, LoRALinear
 
-PREFIX = "base_model.model.transformer."  # PEFT's key prefix for the ChatGLM-6B model
 _KEY = re.compile(r"layers\.(\d+)\.(attention|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight")
 _MODULE = {"query_key_value": "attention", "dense": "attention", "dense_h_to_4h": "mlp", "dense_4h_to_h": "mlp"}
 
