@@ -88,6 +88,11 @@ class Runner:
             self._layout[i] = prompt_layout(p, cfg)
         return logits
 
+    def logits(self, prompt: list[int]) -> Tensor:
+        """float32 logits (len, V) of one uncached forward over a prompt; the caches are not touched."""
+        batch = Batch.from_prompts([prompt], self.model.config, self.model.device)
+        return self.model(batch.ids, batch.position_ids, batch.mask(prefix=self.P))[0]
+
     def fork(self, src: int, dsts: list[int]) -> None:
         """Rows `dsts` start as copies of row `src` (its prompt's keys and values, length and positions)."""
         n = self.P + self.lengths[src]
