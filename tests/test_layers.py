@@ -46,7 +46,7 @@ RANKS = {
     "glm.__main__": 12,
     "glm.finetune.__main__": 12,
 }
-WITHIN = ("glm.kernels", "glm.quant", "glm.loader", "glm.finetune", "glm.parallel")  # packages whose modules may import each other
+WITHIN = ("glm.kernels", "glm.quant", "glm.loader", "glm.finetune")  # packages whose modules may import each other
 
 
 def _name(path: Path) -> str:

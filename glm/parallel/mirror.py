@@ -68,6 +68,8 @@ def load_parallel(size: int, device: torch.device, spec: Spec) -> tuple:
     mid = world.new_model_id()
     model, err = world.call("load", mid, (spec,), lambda s: _load_here(world, s, None))
     if model is None:
+        if world.size > 1 and not world.procs and mid == 1:
+            world.failed = str(err)  # under torchrun the other ranks fail their first load too, and exit
         raise err
     return model, lambda *a: MirroredRunner(world, mid, *a), world
 

@@ -56,7 +56,10 @@ def check_size(cfg: GLMConfig, n: int, quant: int | None = None, group_size: int
     group = group_size or cfg.quantization_group_size
     if not _fits(cfg, n, bits, group):
         ok = ", ".join(map(str, valid_sizes(cfg, bits, group)))
-        extra = f", with int4{f' groups of {group}' if group else ''} an even share of inputs" if bits == 4 else ""
+        extra = ""
+        if bits == 4:
+            extra = " (with int4 each rank's share of the inputs of dense and dense_4h_to_h must be even" + (
+                f" and hold whole groups of {group})" if group else ")")
         raise ParallelError(
             f"tensor_parallel={n} does not split this model: N must divide its {cfg.num_attention_heads} attention "
             f"heads, MLP width {cfg.inner_hidden_size} and vocabulary {cfg.vocab_size}{extra}; use one of: {ok}")
@@ -68,7 +71,7 @@ class ShardPlan:
 
     def __init__(self, cfg: GLMConfig, rank: int, size: int):
         self.cfg, self.rank, self.size = cfg, rank, size
-        H, C, F, V = cfg.num_attention_heads, cfg.hidden_size, cfg.inner_hidden_size, cfg.vocab_size
+        H, F, V = cfg.num_attention_heads, cfg.inner_hidden_size, cfg.vocab_size
         D, h = cfg.head_dim, H // size
         self.heads = (rank * h, (rank + 1) * h)
         self.spans = {  # (first, last) output rows, or input columns, of this rank
@@ -84,7 +87,8 @@ class ShardPlan:
 
     def prepare(self, model: GLM, quantizer=None) -> None:
         """Give the (meta) model this rank's shapes."""
-        cfg, n = self.cfg, self.size
+        self.cfg = cfg = model.config  # with a P-Tuning folder's prefix settings applied
+        n = self.size
         for i, layer in enumerate(model.layers):
             layer.attention.n_head = cfg.num_attention_heads // n
             for parent, attr in ((layer.attention, "query_key_value"), (layer.mlp, "dense_h_to_4h")):

@@ -134,12 +134,15 @@ class World:
             raise ParallelError(f"started as one of {n} ranks (WORLD_SIZE) but asked for tensor_parallel={size}: "
                                 f"start {size} ranks (torchrun --nproc-per-node {size}) or pass {n}")
         addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+        taken = ParallelError(f"port {port} on {addr} (MASTER_PORT) is taken: choose a free one, or start with "
+                              "torchrun --standalone")
+        if rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and _port_taken(addr, port):
+            raise taken  # at once: the store would retry for seconds first
         try:
             store, _, _ = next(dist.rendezvous("env://", rank, size, timeout=timedelta(seconds=START_TIMEOUT)))
         except (RuntimeError, ValueError) as e:
-            if "address already in use" in str(e).lower() or "errno: 98" in str(e).lower():
-                raise ParallelError(f"port {port} on {addr} (MASTER_PORT) is taken: choose a free one, or start "
-                                    "with torchrun --standalone") from None
+            if "address already in use" in str(e).lower():
+                raise taken from None
             raise ParallelError(f"rank {rank} cannot reach rank 0 at {addr}:{port} (MASTER_ADDR, MASTER_PORT): "
                                 f"{one_line(str(e))[:200]}") from None
         world = cls(rank, size, kind)
@@ -365,6 +368,22 @@ def _backend(kind: str) -> str:
 def worker_command() -> list[str]:
     """How rank 0 starts another rank."""
     return [sys.executable, "-m", "glm.parallel.worker"]
+
+
+def _port_taken(addr: str, port: str) -> bool:
+    """Whether rank 0 could not listen on addr:port (as the store does: SO_REUSEADDR)."""
+    import errno
+    import socket
+
+    try:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((addr, int(port)))
+    except OSError as e:
+        return e.errno == errno.EADDRINUSE
+    except ValueError:  # not a port number: the rendezvous says so
+        return False
+    return False
 
 
 def _watch_parent(pid: int) -> None:
