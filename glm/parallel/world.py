@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ CONTROL_TIMEOUT = timedelta(seconds=600)  # a worker waiting for rank 0's next c
 HEARTBEAT = 60.0  # seconds: rank 0 pings the workers when it has been idle this long
 START_TIMEOUT = 300.0  # seconds for a started rank to import torch and connect
 EXIT_GRACE = 2.0  # seconds between a rank's death and rank 0's exit (with `exit_on_failure`): errors reach clients
+MESSAGE_HEAD = 4096  # bytes of the one broadcast that carries a call (a decode step's fits)
 PARENT_ENV = "GLM_TENSOR_PARALLEL_PARENT"  # set on the ranks rank 0 starts: the pid they watch
 
 _world: World | None = None
@@ -185,6 +187,10 @@ class World:
     def _connect(self, store) -> None:
         if self.kind == "cuda":
             torch.cuda.set_device(self.device)
+        elif "OMP_NUM_THREADS" not in os.environ:
+            # N ranks on one CPU share its cores: each takes its share, or their threads fight over them (and a
+            # collective waits for a rank whose thread is not running).
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.size))
         dist.init_process_group(_backend(self.kind), store=dist.PrefixStore("glm", store), rank=self.rank,
                                 world_size=self.size, timeout=COLLECTIVE_TIMEOUT)
         self.data = dist.group.WORLD
@@ -219,7 +225,7 @@ class World:
             self.last_call = time.monotonic()
             gone, self._gone = self._gone, []
             try:
-                dist.broadcast_object_list([(op, mid, args, gone)], src=0, group=self.control)
+                self._send((op, mid, args, gone))
                 return local(*args)
             except Exception as e:
                 # The ranks may be out of step now (one failed in the middle of a forward): nothing can go on.
@@ -236,9 +242,27 @@ class World:
 
     def receive(self) -> tuple:
         """(op, model id, args, models gone) of rank 0's next call."""
-        box = [None]
-        dist.broadcast_object_list(box, src=0, group=self.control)
-        return box[0]
+        head = torch.empty(MESSAGE_HEAD, dtype=torch.uint8)
+        dist.broadcast(head, 0, group=self.control)
+        n = int.from_bytes(head[:8].numpy().tobytes(), "little")
+        data = head[8 : 8 + n].numpy().tobytes()
+        if n > MESSAGE_HEAD - 8:  # the rest follows
+            rest = torch.empty(n - (MESSAGE_HEAD - 8), dtype=torch.uint8)
+            dist.broadcast(rest, 0, group=self.control)
+            data += rest.numpy().tobytes()
+        return pickle.loads(data)  # from rank 0, which started this process or was started with it
+
+    def _send(self, msg: tuple) -> None:
+        """Rank 0: one broadcast for a decode step's call (two for a long prompt's)."""
+        data = pickle.dumps(msg)
+        head = torch.zeros(MESSAGE_HEAD, dtype=torch.uint8)
+        head[:8] = torch.frombuffer(bytearray(len(data).to_bytes(8, "little")), dtype=torch.uint8)
+        first = data[: MESSAGE_HEAD - 8]
+        if first:
+            head[8 : 8 + len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8)
+        dist.broadcast(head, 0, group=self.control)
+        if len(data) > len(first):
+            dist.broadcast(torch.frombuffer(bytearray(data[len(first) :]), dtype=torch.uint8), 0, group=self.control)
 
     # -- the model's collectives
 
@@ -345,7 +369,7 @@ class World:
         if self.rank == 0 and self.failed is None:
             try:
                 with self.lock:
-                    dist.broadcast_object_list([("close", 0, (), [])], src=0, group=self.control)
+                    self._send(("close", 0, (), []))
             except Exception:  # noqa: BLE001 - closing anyway: the ranks it started are stopped below
                 pass
         self.closed = True
