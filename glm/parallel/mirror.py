@@ -145,6 +145,8 @@ class MirroredRunner(Runner):
         return self.world.call("ensure", self.mid, (need,), super().ensure)
 
     def release(self, i: int) -> None:
+        if self.world.failed is not None or self.world.closed:
+            return super().release(i)  # the scheduler frees the rows of failed requests: nothing to keep in step
         return self.world.call("release", self.mid, (i,), super().release)
 
     def prefill(self, rows, prompts):

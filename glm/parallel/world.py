@@ -93,6 +93,7 @@ class World:
         self.comm_seconds = 0.0  # time spent in the model's collectives (scripts/bench.py reports its share)
         self.timed = False  # on GPUs, wait for each collective to finish, so that comm_seconds is its real time
         self.data = self.control = None
+        self._threads: int | None = None  # this process's CPU threads before it joined
         self._next_model = 0
         self._gone: list[int] = []  # models rank 0 no longer holds: the others drop them with its next call
 
@@ -189,7 +190,8 @@ class World:
             torch.cuda.set_device(self.device)
         elif "OMP_NUM_THREADS" not in os.environ:
             # N ranks on one CPU share its cores: each takes its share, or their threads fight over them (and a
-            # collective waits for a rank whose thread is not running).
+            # collective waits for a rank whose thread is not running). Restored by `close`.
+            self._threads = torch.get_num_threads()
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.size))
         dist.init_process_group(_backend(self.kind), store=dist.PrefixStore("glm", store), rank=self.rank,
                                 world_size=self.size, timeout=COLLECTIVE_TIMEOUT)
@@ -381,6 +383,8 @@ class World:
         self._stop_procs()
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self._threads is not None:
+            torch.set_num_threads(self._threads)
         if _world is self:
             _world = None
 

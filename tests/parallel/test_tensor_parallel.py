@@ -6,13 +6,17 @@ a rank costs seconds: the tests share it). The refusals that must meet no starte
 that kills rank 1 comes last.
 """
 
+import os
+import re
 import socket
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from glm_testutil import FIXTURES, TOL, glm_tiny_cases, golden
+from glm_testutil import FIXTURES, TOL, entry_point, glm_tiny_cases, golden
 
 import glm
 from glm.errors import ParallelError
@@ -21,6 +25,7 @@ from glm.parallel import world as tp_world
 
 G, GT, PROMPTS, GREEDY = glm_tiny_cases()
 IDS = [124, 12, 97, 937, 970, 966, 831, 1001, 1004]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +110,34 @@ def test_under_torchrun_a_taken_port_or_another_size_is_one_line(monkeypatch):
     with pytest.raises(ParallelError, match=r"started as one of 4 ranks \(WORLD_SIZE\) but asked for "
                                             r"tensor_parallel=2"):
         glm.load(FIXTURES / "glm-tiny", tensor_parallel=2)
+    assert tp_world.current() is None
+
+
+def test_under_torchrun_ranks_given_different_checkpoints_refuse_in_one_line(monkeypatch):
+    """Rank 0 is this process, rank 1 glm-chat started as torchrun starts it, with another --model."""
+    assert tp_world.current() is None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
+    rank1 = subprocess.Popen([*entry_point("glm.cli"), "--model", str(FIXTURES / "glm-tiny"), "--tensor-parallel", "2"],
+                             env=dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", RANK="1", LOCAL_RANK="1",
+                                      **env), cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    try:
+        for k, v in dict(env, RANK="0", LOCAL_RANK="0").items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(ParallelError) as e:
+            glm.load(FIXTURES / "chatglm-tiny", tensor_parallel=2)
+        _, err = rank1.communicate(timeout=120)
+    finally:
+        rank1.kill()
+        if tp_world.current() is not None:
+            tp_world.current().close()
+    line = (r"ranks disagree on the checkpoint: rank 1 has glm-tiny \(\w+\) and rank 0 chatglm-tiny \(\w+\); start "
+            r"every rank with the same --model and options")
+    assert re.fullmatch(line, str(e.value))
+    assert rank1.returncode == 1 and re.fullmatch(f"glm-chat: error: {line}\n", err.decode()), err
     assert tp_world.current() is None
 
 
