@@ -5,18 +5,20 @@ line, where rank 0 reads them."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 
 def main() -> int:
+    # A Ctrl+C in the terminal reaches every process of its group: rank 0 decides what it means (glm-chat stops a
+    # reply and goes on), and this rank goes when rank 0 tells it or is gone.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from glm.errors import one_line
     from glm.parallel.mirror import serve
     from glm.parallel.world import World
 
     try:
         serve(World._started())
-    except KeyboardInterrupt:  # a Ctrl+C in the terminal reaches every process of the group: rank 0 decides
-        return 130
     except Exception as e:  # noqa: BLE001 - whatever stops this rank, rank 0 reports its last line
         print(f"rank {os.environ.get('RANK', '?')}: {type(e).__name__}: {one_line(str(e))}", file=sys.stderr,
               flush=True)

@@ -88,7 +88,7 @@ class World:
         self.procs, self.logs = procs or [], logs or []  # the ranks this one started, and their stderr
         self.lock = threading.RLock()  # one call at a time: every rank must meet the collectives in the same order
         self.failed: str | None = None
-        self.closed = False
+        self.closed = self._exiting = False
         self.last_call = time.monotonic()
         self.comm_seconds = 0.0  # time spent in the model's collectives (scripts/bench.py reports its share)
         self.timed = False  # on GPUs, wait for each collective to finish, so that comm_seconds is its real time
@@ -305,7 +305,8 @@ class World:
             self._note_dead_rank()
         if self.failed is None:
             self.failed = msg
-        if _exit_on_failure and self.rank == 0:
+        if _exit_on_failure and self.rank == 0 and not self._exiting:
+            self._exiting = True
             threading.Thread(target=self._exit_soon, daemon=True).start()
 
     def _dead_rank(self) -> int | None:

@@ -205,6 +205,14 @@ def test_ptuning_goldens(tp):
         assert m.generate(case["input_ids"], len(case["greedy_ids"]), stop_at_eos=False) == case["greedy_ids"]
 
 
+def test_a_prefix_through_its_projection_equals_one_process(tp):
+    prefix = FIXTURES / "chatglm-tiny-ptuning-train" / "prefix-mlp"  # prefix_projection: its MLP's output is split
+    m, one = tp("chatglm-tiny", ptuning=prefix), glm.load(FIXTURES / "chatglm-tiny", ptuning=prefix)
+    ids = one.tokenizer.encode("你好")
+    assert (m.logits(ids) - one.logits(ids)).abs().max().item() <= TOL
+    assert m.generate(ids, 12, stop_at_eos=False) == one.generate(ids, 12, stop_at_eos=False)
+
+
 # -- what each rank holds
 
 
