@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -104,6 +105,7 @@ class ChatGLM:
         # only way in.
         self.scheduler = Scheduler(model, max_batch=max_batch, max_context=max_context, compile=compile,
                                    max_waiting=max_waiting)
+        self._logprobs_lock = threading.Lock()  # prompt_logprobs: one (len, vocab) logits tensor at a time
 
     @property
     def config(self):
@@ -143,6 +145,32 @@ class ChatGLM:
             raise GenerationError(f"the prompt is {len(ids)} tokens, over the context limit of {self.max_context}")
         batch = Batch.from_prompts([ids], self.config, self.device)
         return self.model(batch.ids, batch.position_ids, batch.mask(prefix=self.config.pre_seq_len or 0))[0]
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, input_ids, k: int = 0, chunk: int = 64) -> list[tuple[int, float | None, list]]:
+        """(id, log-probability given the ids before it, its top-k [(id, logprob)]) of each prompt token, the
+        first one's (None, []): one uncached forward without the last position's logits, log-softmaxed `chunk`
+        positions at a time, never as a second (len, vocab) tensor. One call at a time holds its logits."""
+        ids = check_ids(input_ids, self.config)
+        if len(ids) > self.max_context:
+            raise GenerationError(f"the prompt is {len(ids)} tokens, over the context limit of {self.max_context}")
+        batch = Batch.from_prompts([ids], self.config, self.device)
+        at = torch.arange(len(ids), device=self.device)[None] < len(ids) - 1  # (1, T): all but the last
+        out = [(ids[0], None, [])]
+        with self._logprobs_lock:
+            logits = self.model(batch.ids, batch.position_ids, batch.mask(prefix=self.config.pre_seq_len or 0),
+                                logits_at=at)  # (T - 1, V) float32
+            nxt = torch.tensor(ids[1:], device=self.device)[:, None]
+            for a in range(0, len(ids) - 1, chunk):
+                rows = logits[a : a + chunk]
+                lse = rows.logsumexp(-1, keepdim=True)
+                got = (rows.gather(1, nxt[a : a + chunk]) - lse)[:, 0].tolist()
+                top = [[]] * len(got)
+                if k:
+                    v, i = rows.topk(k)
+                    top = [list(zip(a_, b_)) for a_, b_ in zip(i.tolist(), (v - lse).tolist())]
+                out += [(t, lp, tp) for t, lp, tp in zip(ids[a + 1 : a + 1 + chunk], got, top)]
+        return out
 
     def submit(self, input_ids, config: GenerationConfig, *, logits_hook=None, sink=None, n: int | None = None,
                postprocess: Callable[[str], str] | None = None) -> Request | list[Request]:
