@@ -22,6 +22,7 @@ from glm.openai_protocol import (
     chat_logprobs,
     chat_prompt,
     check_fields,
+    check_model,
     config_error,
     field,
     legacy_logprobs,
@@ -30,7 +31,9 @@ from glm.openai_protocol import (
 from glm.options import (
     ArgumentParser,
     CLIError,
+    add_adapter_args,
     add_model_args,
+    check_adapters,
     check_model_args,
     count_type,
     model_name,
@@ -62,6 +65,7 @@ def build_parser(prog: str = "glm-serve") -> ArgumentParser:
     g.add_argument("--model-name", default=None, metavar="NAME",
                    help="the model id clients send and /v1/models lists (default: the checkpoint's name without "
                         "its Hub owner, e.g. chatglm-6b)")
+    add_adapter_args(g)
     add_model_args(p)
     return p
 
@@ -143,12 +147,10 @@ def create_app(m, name: str, api_key: str | None = None):
         model = field(body, "model", str, what="a string")
         if model is None:
             raise APIError(400, "'model' is required", param="model")
-        if model != name:
-            raise APIError(404, f"the model '{model}' does not exist: this server serves '{name}'",
-                           code="model_not_found", param="model")
+        check_model(model, [name, *m.adapters])
         return body
 
-    def submit(ids: list[int], config: GenerationConfig, n: int, chat: bool):
+    def submit(ids: list[int], config: GenerationConfig, n: int, chat: bool, adapter: str | None):
         """Queue n choices of a prompt, whose (choice, event) pairs arrive on an asyncio queue of this loop."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -161,7 +163,7 @@ def create_app(m, name: str, api_key: str | None = None):
 
         try:
             # A chat's stop strings match the reply as the client gets it (process_response's text).
-            reqs += m.submit(ids, config, n=n, postprocess=process_response if chat else None,
+            reqs += m.submit(ids, config, n=n, postprocess=process_response if chat else None, adapter=adapter,
                              sink=lambda j, ev: loop.call_soon_threadsafe(arrive, j, ev))
         except QueueFull as e:
             raise APIError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
@@ -208,13 +210,13 @@ def create_app(m, name: str, api_key: str | None = None):
     def token_text(i: int) -> str:
         return m.tokenizer.decode([i])
 
-    async def prompt_logprobs(ids: list[int], k: int) -> list:
+    async def prompt_logprobs(ids: list[int], k: int, adapter: str | None) -> list:
         """The entries of the prompt's tokens (the first has no logprob): one uncached forward, off the loop."""
         import torch
 
         def work():
             with torch.inference_mode():
-                lp = m.logits(ids).float().log_softmax(-1)
+                lp = m.logits(ids, adapter=adapter).float().log_softmax(-1)
             out = [(ids[0], None, [])]
             for i in range(1, len(ids)):
                 top = lp[i - 1].topk(k) if k else None
@@ -229,8 +231,9 @@ def create_app(m, name: str, api_key: str | None = None):
                                      max_batch=sched.max_batch)
         stream, n, echo, want_lp = o["stream"], o["n"], o["echo"], config.logprobs is not None
         echoed = prompt_text if echo else ""
-        head = await prompt_logprobs(prompt_ids, config.logprobs) if echo and want_lp else []
-        reqs, events = submit(prompt_ids, config, n, chat)
+        adapter = None if body["model"] == name else body["model"]  # the base model's name: no adapter
+        head = await prompt_logprobs(prompt_ids, config.logprobs, adapter) if echo and want_lp else []
+        reqs, events = submit(prompt_ids, config, n, chat, adapter)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion" if chat else "text_completion"
         decs = [StreamDecoder(m.tokenizer) for _ in range(n)]
@@ -266,7 +269,7 @@ def create_app(m, name: str, api_key: str | None = None):
             if stream and o["include_usage"]:  # OpenAI's: every chunk has the field, null but in the last
                 extra.setdefault("usage", None)
             return {"id": rid, "object": obj + (".chunk" if stream and chat else ""), "created": int(time.time()),
-                    "model": name, "choices": choices, **extra}
+                    "model": body["model"], "choices": choices, **extra}
 
         if not stream:
             ended = 0
@@ -334,21 +337,19 @@ def create_app(m, name: str, api_key: str | None = None):
             raise APIError(400, "'prompt' must be a string (one prompt per request)", param="prompt")
         return await run(request, m.tokenizer.encode(prompt), body, chat=False, prompt_text=prompt)
 
-    def model_card() -> dict:
-        return {"id": name, "object": "model", "created": created, "owned_by": "glm"}
+    def model_card(model_id: str) -> dict:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "glm"}
 
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(x) for x in [name, *m.adapters]]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(request: Request, model_id: str):
         authorize(request)
-        if model_id != name:
-            raise APIError(404, f"the model '{model_id}' does not exist: this server serves '{name}'",
-                           code="model_not_found", param="model")
-        return model_card()
+        check_model(model_id, [name, *m.adapters])
+        return model_card(model_id)
 
     @app.get("/health")
     async def health():
@@ -366,6 +367,7 @@ def main(argv: list[str] | None = None, prog: str = "glm-serve") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     check_model_args(parser, args)
+    check_adapters(parser, args, served_name(args))
     try:
         m = prepare_server(args, ("fastapi", "uvicorn", "prometheus_client"), "pip install 'glm[serve]'")
     except CLIError as e:

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from glm_testutil import FIXTURES, TOL, golden, make_lora, make_prefix
+from glm_testutil import FIXTURES, TOL, golden
 
 import glm
 from glm.errors import CheckpointError
@@ -21,28 +21,11 @@ G = json.loads((FIXTURES / "chatglm-tiny-lora" / "golden.json").read_text())
 PROMPTS = [c["ids"] for c in G["prompts"]]  # 4, 14 and 35 tokens
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """3 LoRA adapters (PEFT's fixture, and two of other ranks and targets) and 2 prefixes of different lengths."""
-    d = tmp_path_factory.mktemp("adapters")
-    return {"a": LORA,
-            "b": make_lora(d / "b", seed=1, r=8, alpha=16, targets=("query_key_value", "dense")),
-            "c": make_lora(d / "c", seed=2, r=2, alpha=4, targets=("dense_h_to_4h", "dense_4h_to_h")),
-            "p": PREFIX,
-            "q": make_prefix(d / "q", 7, seed=3)}
-
-
 def with_adapters(folders, names, **kw):
     m = glm.load(TINY, **kw)
     for n in names:
         m.add_adapter(n, folders[n])
     return m
-
-
-@pytest.fixture(scope="module")
-def alone(folders):
-    """An engine per adapter with only that adapter loaded (None: the base alone)."""
-    return {n: with_adapters(folders, [n] if n else []) for n in (None, *folders)}
 
 
 GREEDY = dict(do_sample=False)
@@ -58,8 +41,8 @@ REQUESTS = [(None, 1, 20, GREEDY), ("a", 2, 24, GREEDY), ("b", 1, 16, GREEDY), (
             ("b", 0, 22, sampled(3)), ("c", 1, 16, sampled(4)), ("p", 2, 18, sampled(5)), ("q", 1, 24, sampled(6))]
 
 
-def test_a_mixed_batch_equals_each_adapter_alone(folders, alone):
-    m = with_adapters(folders, list(folders), max_batch=5)
+def test_a_mixed_batch_equals_each_adapter_alone(adapter_folders, adapter_alone):
+    m = with_adapters(adapter_folders, list(adapter_folders), max_batch=5)
 
     def submit(k):
         name, p, n, s = REQUESTS[k]
@@ -76,14 +59,14 @@ def test_a_mixed_batch_equals_each_adapter_alone(folders, alone):
         reqs.append(submit(k))
     for (name, p, n, s), r in zip(REQUESTS, reqs):
         got = r.wait().tokens
-        assert got == alone[name].generate(PROMPTS[p], n, stop_at_eos=False, adapter=name, **s), (name, p, s)
+        assert got == adapter_alone[name].generate(PROMPTS[p], n, stop_at_eos=False, adapter=name, **s), (name, p, s)
         if name is not None and s is GREEDY:  # the adapter matters: ignoring it would fail
-            assert got != alone[None].generate(PROMPTS[p], n, stop_at_eos=False, **s), (name, p, s)
+            assert got != adapter_alone[None].generate(PROMPTS[p], n, stop_at_eos=False, **s), (name, p, s)
 
 
-def test_per_row_adapters_match_the_goldens(folders):
+def test_per_row_adapters_match_the_goldens(adapter_folders):
     # PEFT's own adapter, applied per row beside the base and a prefix, gives PEFT's greedy ids.
-    m = with_adapters(folders, ["p", "a"], max_batch=4)
+    m = with_adapters(adapter_folders, ["p", "a"], max_batch=4)
     cases = G["prompts"]
     outs = m.generate([c["ids"] for c in cases], 8, stop_at_eos=False, adapter="a")
     assert outs == [c["greedy_new_ids"] for c in cases]
@@ -101,8 +84,8 @@ def test_per_row_adapters_match_the_goldens(folders):
         base.wait()
 
 
-def test_cached_decoding_equals_the_uncached_forward_per_adapter(folders):
-    m = with_adapters(folders, ["a", "b", "p", "q"], max_batch=4)
+def test_cached_decoding_equals_the_uncached_forward_per_adapter(adapter_folders):
+    m = with_adapters(adapter_folders, ["a", "b", "p", "q"], max_batch=4)
     names, steps = ["b", "p", None, "q"], {}
     cfg = GenerationConfig.from_settings(max_new_tokens=8, stop_at_eos=False)
     with m.scheduler.between_steps():
@@ -116,33 +99,33 @@ def test_cached_decoding_equals_the_uncached_forward_per_adapter(folders):
             assert (step - full).abs().max().item() <= TOL, (n, i)
 
 
-def test_chat_and_stream_chat_take_the_adapter(folders, alone):
-    m = with_adapters(folders, ["b", "q"])
+def test_chat_and_stream_chat_take_the_adapter(adapter_folders, adapter_alone):
+    m = with_adapters(adapter_folders, ["b", "q"])
     for name in ("b", "q"):
-        want = alone[name].chat("你好", max_length=40, do_sample=False, adapter=name)
+        want = adapter_alone[name].chat("你好", max_length=40, do_sample=False, adapter=name)
         assert m.chat("你好", max_length=40, do_sample=False, adapter=name) == want
         assert list(m.stream_chat("你好", max_length=40, do_sample=False, final=True, adapter=name))[-1] == want
         assert want != m.chat("你好", max_length=40, do_sample=False)
 
 
-def test_a_quantized_base_keeps_its_weights_and_serves_adapters_per_row(folders):
+def test_a_quantized_base_keeps_its_weights_and_serves_adapters_per_row(adapter_folders):
     m = glm.load(TINY, quant=4, max_batch=3)
     qkv = m.model.layers[0].attention.query_key_value
     before = {k: v.clone() for k, v in qkv.state_dict().items()}
     for n in ("a", "b"):
-        m.add_adapter(n, folders[n])
+        m.add_adapter(n, adapter_folders[n])
     assert all(torch.equal(v, qkv.state_dict()[k]) for k, v in before.items())
     assert type(m.model.layers[0].attention.query_key_value.base).__name__ == "QuantLinear"
     solo = glm.load(TINY, quant=4)
-    solo.add_adapter("b", folders["b"])
+    solo.add_adapter("b", adapter_folders["b"])
     outs = m.generate(PROMPTS, 16, stop_at_eos=False, adapter="b")
     assert outs == [solo.generate(p, 16, stop_at_eos=False, adapter="b") for p in PROMPTS]
     assert outs != m.generate(PROMPTS, 16, stop_at_eos=False)
 
 
-def test_a_longer_prefix_added_while_a_row_decodes(folders, alone):
+def test_a_longer_prefix_added_while_a_row_decodes(adapter_folders, adapter_alone):
     # The prefix slots grow from 4 to 7 under a running row, whose keys then move: it goes on as if alone.
-    m = with_adapters(folders, ["p"], max_batch=2)
+    m = with_adapters(adapter_folders, ["p"], max_batch=2)
     cfg = GenerationConfig.from_settings(max_new_tokens=300, stop_at_eos=False)
     first = m.submit(PROMPTS[1], cfg, adapter="p")
     it = iter(first)
@@ -150,10 +133,10 @@ def test_a_longer_prefix_added_while_a_row_decodes(folders, alone):
         next(it)
     with m.scheduler.between_steps():
         assert first.result is None  # still decoding
-        m.add_adapter("q", folders["q"])
+        m.add_adapter("q", adapter_folders["q"])
         second = m.submit(PROMPTS[2], cfg.replace(max_new_tokens=20), adapter="q")
-    assert first.wait().tokens == alone["p"].generate(PROMPTS[1], 300, stop_at_eos=False, adapter="p")
-    assert second.wait().tokens == alone["q"].generate(PROMPTS[2], 20, stop_at_eos=False, adapter="q")
+    assert first.wait().tokens == adapter_alone["p"].generate(PROMPTS[1], 300, stop_at_eos=False, adapter="p")
+    assert second.wait().tokens == adapter_alone["q"].generate(PROMPTS[2], 20, stop_at_eos=False, adapter="q")
 
 
 def _copy(src, dst, **changes):
@@ -165,7 +148,7 @@ def _copy(src, dst, **changes):
     return dst
 
 
-def test_bad_adapters_are_one_line_errors_and_change_nothing(tmp_path, folders):
+def test_bad_adapters_are_one_line_errors_and_change_nothing(tmp_path, adapter_folders):
     m = glm.load(TINY)
     m.add_adapter("a", LORA)
     tiny = glm.load(FIXTURES / "glm-tiny")
@@ -183,8 +166,8 @@ def test_bad_adapters_are_one_line_errors_and_change_nothing(tmp_path, folders):
         (m, "x", bad_prefix, CheckpointError, "corrupt"),
         (m, "x", _copy(LORA, tmp_path / "r0", r=0), CheckpointError, "r must be a positive number"),
         (m, "x", _copy(LORA, tmp_path / "alpha", lora_alpha=-8), CheckpointError, "lora_alpha must be a positive"),
-        (m, "a", folders["b"], ValueError, "already added"),
-        (m, "", folders["b"], ValueError, "non-empty string"),
+        (m, "a", adapter_folders["b"], ValueError, "already added"),
+        (m, "", adapter_folders["b"], ValueError, "non-empty string"),
     ]
     for model, name, folder, kind, needle in cases:
         with pytest.raises(kind, match=needle) as e:
