@@ -65,7 +65,7 @@ class Adapters:
         """The per-row LoRA wrapper of linear `name`, put in place the first time an adapter targets it."""
         mod = self.model.get_submodule(name)
         if not isinstance(mod, MultiLoRALinear):
-            mod = MultiLoRALinear(mod, self.rows, self.model.dtype, self.model.device)
+            mod = MultiLoRALinear(mod, self.rows, self.model.device)
             mod.resize(self._n_lora, 0)
             parent, _, leaf = name.rpartition(".")
             setattr(self.model.get_submodule(parent), leaf, mod)

@@ -54,7 +54,7 @@ class Runner:
     def ensure(self, need: int) -> None:
         """Caches with room for `need` tokens after room for the longest prefix; grows (keeping every row, and
         moving its tokens when an adapter added since needs more prefix slots), never shrinks."""
-        P = self.adapters.max_prefix
+        P = max(self.adapters.max_prefix, self.P if self.caches is not None else 0)
         if self.slots >= need and P == self.P and self.caches[0].k.dtype == self.model.dtype:
             return
         S = self.max_context if self.compile else min(self.max_context, -(-need // self.GROW) * self.GROW)
