@@ -468,7 +468,9 @@ def main(argv=None) -> int:
 
 def bench_lora(cfg, device, dtype, quant, group_size, kernel, args) -> list[dict]:
     """The decode step of each batch size with `--lora-adapters` random adapters on as many rows (the others on the
-    base) against every row on the base; the fastest of `--repeats` runs of each, interleaved."""
+    base) against every row on the base; the fastest of `--repeats` runs of each, interleaved. Also the CPU time of
+    the whole run (prefill included) per new token: on a machine shared with other work it moves less than the wall
+    time does."""
     from glm.generation.adapters import Adapters
     from glm.lora import LoRAFactors
 
@@ -493,14 +495,18 @@ def bench_lora(cfg, device, dtype, quant, group_size, kernel, args) -> list[dict
         slots = torch.tensor([k + 1 if k < n else 0 for k in range(batch)], device=device)
         dec = GreedyDecoder(model, batch, args.prompt + args.new)
         times: dict[str, list[float]] = {"base": [], "lora": []}
+        cpu: dict[str, list[float]] = {"base": [], "lora": []}
         for i in range(args.repeats + 1):  # the first round warms up
             for what, index in (("base", None), ("lora", slots)):
                 progress(f"batch {batch}, {'all rows on the base' if index is None else f'{n} adapters'}: run {i}")
+                c0 = time.process_time()
                 with bank.use(index):
                     t = dec.run(prompts, args.new)[1]
                 if i:
                     times[what].append(t)
+                    cpu[what].append((time.process_time() - c0) / args.new)
         base, lora = min(times["base"]), min(times["lora"])
+        base_cpu, lora_cpu = min(cpu["base"]), min(cpu["lora"])
         threads = torch.get_num_threads() if device.type == "cpu" else None
         rows.append({"device": device_name(device), "threads": threads, "layers": cfg.num_layers,
                      "dtype": str(dtype).removeprefix("torch."),
@@ -509,7 +515,9 @@ def bench_lora(cfg, device, dtype, quant, group_size, kernel, args) -> list[dict
                      "quant_lm_head": bool(quant and args.quant_lm_head), "batch": batch, "lora_adapters": n,
                      "lora_rows": min(n, batch), "lora_r": r, "prompt_len": args.prompt, "new_tokens": args.new,
                      "base_ms_per_step": round(base * 1000, 2), "lora_ms_per_step": round(lora * 1000, 2),
-                     "ratio": round(lora / base, 3), "date": time.strftime("%Y-%m-%d")})
+                     "ratio": round(lora / base, 3), "base_cpu_ms_per_token": round(base_cpu * 1000, 2),
+                     "lora_cpu_ms_per_token": round(lora_cpu * 1000, 2), "cpu_ratio": round(lora_cpu / base_cpu, 3),
+                     "date": time.strftime("%Y-%m-%d")})
     return rows
 
 

@@ -28,6 +28,12 @@ def with_adapters(folders, names, **kw):
     return m
 
 
+@pytest.fixture(scope="module")
+def mixed(adapter_folders):
+    """chatglm-tiny serving all five adapters in 5 rows."""
+    return with_adapters(adapter_folders, list(adapter_folders), max_batch=5)
+
+
 GREEDY = dict(do_sample=False)
 
 
@@ -41,8 +47,8 @@ REQUESTS = [(None, 1, 20, GREEDY), ("a", 2, 24, GREEDY), ("b", 1, 16, GREEDY), (
             ("b", 0, 22, sampled(3)), ("c", 1, 16, sampled(4)), ("p", 2, 18, sampled(5)), ("q", 1, 24, sampled(6))]
 
 
-def test_a_mixed_batch_equals_each_adapter_alone(adapter_folders, adapter_alone):
-    m = with_adapters(adapter_folders, list(adapter_folders), max_batch=5)
+def test_a_mixed_batch_equals_each_adapter_alone(mixed, adapter_alone):
+    m = mixed
 
     def submit(k):
         name, p, n, s = REQUESTS[k]
@@ -64,12 +70,19 @@ def test_a_mixed_batch_equals_each_adapter_alone(adapter_folders, adapter_alone)
             assert got != adapter_alone[None].generate(PROMPTS[p], n, stop_at_eos=False, **s), (name, p, s)
 
 
-def test_per_row_adapters_match_the_goldens(adapter_folders):
-    # PEFT's own adapter, applied per row beside the base and a prefix, gives PEFT's greedy ids.
-    m = with_adapters(adapter_folders, ["p", "a"], max_batch=4)
-    cases = G["prompts"]
-    outs = m.generate([c["ids"] for c in cases], 8, stop_at_eos=False, adapter="a")
-    assert outs == [c["greedy_new_ids"] for c in cases]
+def test_per_row_adapters_match_the_goldens(mixed):
+    # PEFT's own adapter, applied per row beside other adapters and prefixes, gives PEFT's logits and greedy ids.
+    cases, gl = G["prompts"], golden("chatglm-tiny-lora")[1]
+    with mixed.scheduler.between_steps():
+        others = [mixed.submit(PROMPTS[1], GenerationConfig.from_settings(max_new_tokens=8), adapter=n)
+                  for n in ("b", "q")]
+        outs = [mixed.submit(c["ids"], GenerationConfig.from_settings(max_new_tokens=8, stop_at_eos=False),
+                             adapter="a") for c in cases]
+    assert [r.wait().tokens for r in outs] == [c["greedy_new_ids"] for c in cases]
+    for r in others:
+        r.wait()
+    for c in cases:
+        assert (mixed.logits(c["ids"], adapter="a")[-2:] - gl[c["logits_last2"]]).abs().max().item() <= TOL
     # A P-Tuning folder added as an adapter of glm-tiny gives the reference's logits and greedy ids with that
     # prefix, in a batch with the base.
     g, gt = golden("glm-tiny-ptuning")
@@ -84,8 +97,8 @@ def test_per_row_adapters_match_the_goldens(adapter_folders):
         base.wait()
 
 
-def test_cached_decoding_equals_the_uncached_forward_per_adapter(adapter_folders):
-    m = with_adapters(adapter_folders, ["a", "b", "p", "q"], max_batch=4)
+def test_cached_decoding_equals_the_uncached_forward_per_adapter(mixed):
+    m = mixed
     names, steps = ["b", "p", None, "q"], {}
     cfg = GenerationConfig.from_settings(max_new_tokens=8, stop_at_eos=False)
     with m.scheduler.between_steps():
@@ -95,12 +108,12 @@ def test_cached_decoding_equals_the_uncached_forward_per_adapter(adapter_folders
     for k, (n, r) in enumerate(zip(names, reqs)):
         new = r.wait().tokens
         for i, step in enumerate(steps[n]):
-            full = m.logits(PROMPTS[k % 3] + new[:i], adapter=n)[-1] if n else m.logits(PROMPTS[k % 3] + new[:i])[-1]
+            full = m.logits(PROMPTS[k % 3] + new[:i], adapter=n)[-1]
             assert (step - full).abs().max().item() <= TOL, (n, i)
 
 
-def test_chat_and_stream_chat_take_the_adapter(adapter_folders, adapter_alone):
-    m = with_adapters(adapter_folders, ["b", "q"])
+def test_chat_and_stream_chat_take_the_adapter(mixed, adapter_alone):
+    m = mixed
     for name in ("b", "q"):
         want = adapter_alone[name].chat("你好", max_length=40, do_sample=False, adapter=name)
         assert m.chat("你好", max_length=40, do_sample=False, adapter=name) == want
@@ -126,17 +139,20 @@ def test_a_quantized_base_keeps_its_weights_and_serves_adapters_per_row(adapter_
 def test_a_longer_prefix_added_while_a_row_decodes(adapter_folders, adapter_alone):
     # The prefix slots grow from 4 to 7 under a running row, whose keys then move: it goes on as if alone.
     m = with_adapters(adapter_folders, ["p"], max_batch=2)
-    cfg = GenerationConfig.from_settings(max_new_tokens=300, stop_at_eos=False)
-    first = m.submit(PROMPTS[1], cfg, adapter="p")
-    it = iter(first)
-    for _ in range(5):
-        next(it)
-    with m.scheduler.between_steps():
-        assert first.result is None  # still decoding
-        m.add_adapter("q", adapter_folders["q"])
-        second = m.submit(PROMPTS[2], cfg.replace(max_new_tokens=20), adapter="q")
-    assert first.wait().tokens == adapter_alone["p"].generate(PROMPTS[1], 300, stop_at_eos=False, adapter="p")
-    assert second.wait().tokens == adapter_alone["q"].generate(PROMPTS[2], 20, stop_at_eos=False, adapter="q")
+    steps, second = [], []
+
+    def hook(_):  # in the scheduler's thread, between two steps of the first request
+        steps.append(1)
+        if len(steps) == 5:
+            m.add_adapter("q", adapter_folders["q"])
+            second.append(m.submit(PROMPTS[2], GenerationConfig.from_settings(max_new_tokens=20, stop_at_eos=False),
+                                   adapter="q"))
+
+    first = m.submit(PROMPTS[1], GenerationConfig.from_settings(max_new_tokens=40, stop_at_eos=False), adapter="p",
+                     logits_hook=hook)
+    assert first.wait().tokens == adapter_alone["p"].generate(PROMPTS[1], 40, stop_at_eos=False, adapter="p")
+    assert second[0].wait().tokens == adapter_alone["q"].generate(PROMPTS[2], 20, stop_at_eos=False, adapter="q")
+    assert m.scheduler.runner.P == 7
 
 
 def _copy(src, dst, **changes):
