@@ -56,6 +56,13 @@ def field(body: dict, name: str, kinds, default=None, check=None, what: str = ""
 # ---------------------------------------------------------------------------------------------------- the app
 
 
+def check_model(model: str, names: list[str]) -> None:
+    """A 404 listing the served models unless `model` is one of them (the base model's name, or an adapter's)."""
+    if model not in names:
+        raise APIError(404, f"the model {json.dumps(model)[:80]} does not exist: this server serves "
+                            f"{', '.join(map(repr, names))}", code="model_not_found", param="model")
+
+
 def config_error(e: GenerationError, names: dict) -> APIError:
     """GenerationConfig's "<field> must be ..." as a 400 naming the field as the client sent it."""
     field, _, why = str(e).partition(" ")

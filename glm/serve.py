@@ -22,6 +22,7 @@ from glm.openai_protocol import (
     chat_logprobs,
     chat_prompt,
     check_fields,
+    check_model,
     completion_prompts,
     config_error,
     field,
@@ -31,7 +32,9 @@ from glm.openai_protocol import (
 from glm.options import (
     ArgumentParser,
     CLIError,
+    add_adapter_args,
     add_model_args,
+    check_adapters,
     check_model_args,
     count_type,
     model_name,
@@ -62,6 +65,7 @@ def build_parser(prog: str = "glm-serve") -> ArgumentParser:
                    help="the model id clients send and /v1/models lists (default: the checkpoint's name without "
                         "its Hub owner, e.g. chatglm-6b)")
     add_args(p)
+    add_adapter_args(g)
     add_model_args(p)
     return p
 
@@ -134,12 +138,11 @@ def create_app(m, name: str, api_key: str | None = None, guard: HTTPGuard | None
         model = field(body, "model", str, what="a string")
         if model is None:
             raise APIError(400, "'model' is required", param="model")
-        if model != name:
-            raise APIError(404, f"the model '{model}' does not exist: this server serves '{name}'",
-                           code="model_not_found", param="model")
+        check_model(model, [name, *m.adapters])
         return body
 
-    def submit(prompts: list[list[int]], configs: list[GenerationConfig], n: int, chat: bool):
+    def submit(prompts: list[list[int]], configs: list[GenerationConfig], n: int, chat: bool,
+               adapter: str | None):
         """Queue n choices of each prompt, whose (choice, event) pairs arrive on an asyncio queue of this loop;
         choice j of prompt i is choice i * n + j (OpenAI's and vLLM's index)."""
         loop = asyncio.get_running_loop()
@@ -155,6 +158,7 @@ def create_app(m, name: str, api_key: str | None = None, guard: HTTPGuard | None
             for i, (ids, config) in enumerate(zip(prompts, configs)):
                 # A chat's stop strings match the reply as the client gets it (process_response's text).
                 reqs += m.submit(ids, config, n=n, postprocess=process_response if chat else None,
+                                 adapter=adapter,
                                  sink=lambda j, ev, i=i: loop.call_soon_threadsafe(arrive, i * n + j, ev))
         except (QueueFull, GenerationError) as e:
             for r in reqs:
@@ -214,12 +218,13 @@ def create_app(m, name: str, api_key: str | None = None, guard: HTTPGuard | None
                                      prompts=len(prompts)) for p in prompts]  # max_tokens' default: per prompt
         config, o = settings[0]
         stream, n, echo, want_lp = o["stream"], o["n"], o["echo"], config.logprobs is not None
+        adapter = None if body["model"] == name else body["model"]  # the base model's name: no adapter
         N = len(prompts) * n  # choices; choice j answers prompt j // n
         echoed = [prompt_texts[j // n] if echo else "" for j in range(N)]
         # The prompts' own entries under echo: one uncached forward each, off the loop.
-        heads = [await asyncio.to_thread(m.prompt_logprobs, p, config.logprobs) if echo and want_lp else []
-                 for p in prompts]
-        reqs, events = submit(prompts, [c for c, _ in settings], n, chat)
+        heads = [await asyncio.to_thread(m.prompt_logprobs, p, config.logprobs, adapter=adapter)
+                 if echo and want_lp else [] for p in prompts]
+        reqs, events = submit(prompts, [c for c, _ in settings], n, chat, adapter)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion" if chat else "text_completion"
         decs = [StreamDecoder(m.tokenizer) for _ in range(N)]
@@ -255,7 +260,7 @@ def create_app(m, name: str, api_key: str | None = None, guard: HTTPGuard | None
             if stream and o["include_usage"]:  # OpenAI's: every chunk has the field, null but in the last
                 extra.setdefault("usage", None)
             return {"id": rid, "object": obj + (".chunk" if stream and chat else ""), "created": int(time.time()),
-                    "model": name, "choices": choices, **extra}
+                    "model": body["model"], "choices": choices, **extra}
 
         if not stream:
             ended = 0
@@ -326,21 +331,19 @@ def create_app(m, name: str, api_key: str | None = None, guard: HTTPGuard | None
         ids, texts = await asyncio.to_thread(encode)
         return await run(request, ids, body, chat=False, prompt_texts=texts)
 
-    def model_card() -> dict:
-        return {"id": name, "object": "model", "created": created, "owned_by": "glm"}
+    def model_card(model_id: str) -> dict:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "glm"}
 
     @app.get("/v1/models")
     async def models(request: Request):
         guard.authorize(request.headers)
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(x) for x in [name, *m.adapters]]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(request: Request, model_id: str):
         guard.authorize(request.headers)
-        if model_id != name:
-            raise APIError(404, f"the model '{model_id}' does not exist: this server serves '{name}'",
-                           code="model_not_found", param="model")
-        return model_card()
+        check_model(model_id, [name, *m.adapters])
+        return model_card(model_id)
 
     @app.get("/health")
     async def health():
@@ -358,6 +361,7 @@ def main(argv: list[str] | None = None, prog: str = "glm-serve") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     check_model_args(parser, args)
+    check_adapters(parser, args, served_name(args))
     try:
         guard = HTTPGuard.from_args(args)
         m = prepare_server(args, ("fastapi", "uvicorn", "prometheus_client"), "pip install 'glm[serve]'")

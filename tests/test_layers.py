@@ -25,6 +25,7 @@ RANKS = {
     "glm.loader": 4,
     "glm.generation.inputs": 4,
     "glm.generation.sampling": 4,
+    "glm.generation.adapters": 4,
     "glm.generation.request": 5,
     "glm.generation.runner": 5,
     "glm.generation.scheduler": 6,
