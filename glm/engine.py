@@ -94,17 +94,19 @@ def _n_params(folder: Path) -> int:
 class ChatGLM:
     """A loaded model with its tokenizer and its scheduler (the KV cache rows). Create it with `glm.load`."""
 
+    tensor_parallel: int | None = None  # the ranks this model is split over (glm.load's tensor_parallel)
+
     def __init__(self, model: GLM, tokenizer: Tokenizer | None, path: Path | None = None, load_seconds: float = 0.0,
                  compile: bool = False, max_batch: int = 1, max_context: int | None = None,
-                 max_waiting: int | None = None):
+                 max_waiting: int | None = None, runner=None):
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
         self.load_seconds = load_seconds
         # Every generation of this model, from every caller and thread, shares these cache rows; `submit` is the
-        # only way in.
+        # only way in. `runner`: glm.parallel's mirrored Runner under tensor parallelism.
         self.scheduler = Scheduler(model, max_batch=max_batch, max_context=max_context, compile=compile,
-                                   max_waiting=max_waiting)
+                                   max_waiting=max_waiting, **({"runner": runner} if runner else {}))
         self._logprobs_lock = threading.Lock()  # prompt_logprobs: one (len, vocab) logits tensor at a time
 
     @property
@@ -136,6 +138,9 @@ class ChatGLM:
         if name in self.adapters:
             raise ValueError(f"an adapter named {name!r} was already added: give each adapter its own name")
         runner = self.scheduler.runner
+        if self.tensor_parallel:
+            raise ValueError("adapters cannot be added to a model split over tensor-parallel ranks: load it without "
+                             "tensor_parallel")
         if runner.compile:
             raise ValueError("adapters cannot be added to a model loaded with compile=True (its compiled decode "
                              "step has no per-row adapters): load it without compile")
@@ -169,11 +174,8 @@ class ChatGLM:
         ids = check_ids(input_ids, self.config)
         if len(ids) > self.max_context:
             raise GenerationError(f"the prompt is {len(ids)} tokens, over the context limit of {self.max_context}")
-        if adapter is not None:
-            runner = self.scheduler.runner
-            return runner.logits(ids, runner.adapters.id(adapter))
-        batch = Batch.from_prompts([ids], self.config, self.device)
-        return self.model(batch.ids, batch.position_ids, batch.mask(prefix=self.config.pre_seq_len or 0))[0]
+        runner = self.scheduler.runner  # under tensor parallelism every rank runs this forward
+        return runner.logits(ids, runner.adapters.id(adapter))
 
     @torch.inference_mode()
     def prompt_logprobs(self, input_ids, k: int = 0, chunk: int = 64, *, adapter: str | None = None
@@ -188,7 +190,7 @@ class ChatGLM:
         at = torch.arange(len(ids), device=self.device)[None] < len(ids) - 1  # (1, T): all but the last
         out = [(ids[0], None, [])]
         with self._logprobs_lock:
-            if adapter is not None:  # that adapter's weights and prefix: through the runner's own caches
+            if adapter is not None or self.tensor_parallel:  # through the runner: an adapter, or every rank
                 logits = self.logits(ids, adapter=adapter)[:-1].float()
             else:
                 logits = self.model(batch.ids, batch.position_ids,
@@ -277,6 +279,9 @@ class ChatGLM:
         from glm.lora import lora_modules
         from glm.lora import merge_lora as merge
 
+        if self.tensor_parallel:
+            raise ValueError("this model is split over tensor-parallel ranks and this process holds only its shard: "
+                             "save the model loaded without tensor_parallel")
         if self.adapters:
             raise ValueError(f"this model serves adapters added with add_adapter ({', '.join(self.adapters)}): save "
                              "a model loaded without them")
@@ -311,6 +316,7 @@ def load(
     max_waiting: int | None = None,
     cpu_kernel: str = "exact",
     progress: bool = False,
+    tensor_parallel: int | None = None,
 ) -> ChatGLM:
     """Load ChatGLM-6B from a Hub repo id or a local folder.
 
@@ -334,6 +340,10 @@ def load(
         cpu_kernel: quantized models on a CPU: "exact" (float activations, the parity path) or "fast" (int8
             activations per block of 32: faster, above all for batches; see docs/quantization.md).
         progress: show progress bars.
+        tensor_parallel: split the model over N ranks (Megatron-style, torch.distributed: NCCL on GPUs, one per
+            rank, gloo on CPUs). This process is rank 0 and starts the other N-1 itself; under `torchrun` it is
+            one of the N started, and on the other ranks this call serves rank 0 and then exits the process.
+            See docs/parallel.md.
     """
     if quant not in (None, 0, 4, 8):
         raise ValueError(f"quant must be 4 or 8, got {quant!r}")
@@ -348,11 +358,18 @@ def load(
         raise ValueError(f"cpu_kernel must be one of {', '.join(CPU_KERNELS)}, got {cpu_kernel!r}")
     if merge_lora and lora is None:
         raise ValueError("merge_lora=True needs lora=DIR")
+    if tensor_parallel is not None:
+        _check_parallel(tensor_parallel, device, compile, lora)
     dev = resolve_device(device)
     resolve_dtype(dtype, dev)  # reject a bad name before any download
     t0 = time.perf_counter()
     folder = resolve(model, revision)
     dt = resolve_dtype(dtype, dev, _n_params(folder))
+    if tensor_parallel is not None:
+        return _load_parallel(tensor_parallel, dev, folder, dt, t0, dict(
+            dtype=str(dtype), quant=quant or None, group_size=group_size, quantize_lm_head=quantize_lm_head,
+            ptuning=str(Path(ptuning).resolve()) if ptuning else None, cpu_kernel=cpu_kernel),
+            max_batch=max_batch, max_context=max_context, max_waiting=max_waiting)
     net = build_model(folder, device=dev, dtype=dt, quant=quant or None, group_size=group_size,
                       quantize_lm_head=quantize_lm_head, ptuning=Path(ptuning) if ptuning else None, progress=progress)
     if cpu_kernel != "exact":
@@ -374,6 +391,33 @@ def load(
     tokenizer = Tokenizer.from_config(tok_file, net.config) if tok_file.is_file() else None
     return ChatGLM(net, tokenizer, folder, time.perf_counter() - t0, compile=compile, max_batch=max_batch,
                    max_context=max_context, max_waiting=max_waiting)
+
+
+def _check_parallel(n, device, compile: bool, lora) -> None:
+    """The tensor_parallel argument and what it cannot be combined with, refused in one line before any work."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"tensor_parallel must be an integer >= 1 (the number of ranks), got {n!r}")
+    if compile:
+        raise ValueError("tensor_parallel does not work with compile: drop one of them")
+    if lora is not None:
+        raise ValueError("tensor_parallel does not take a LoRA adapter: merge it first (glm.save(glm.load(base, "
+                         "lora=DIR, merge_lora=True), OUT)) and load OUT")
+    if device is not None and ":" in str(device):
+        raise ValueError(f"tensor_parallel puts rank r on cuda:r (LOCAL_RANK under torchrun), so it takes a device "
+                         f"kind without an index: use 'cuda' rather than {str(device)[:20]!r}")
+
+
+def _load_parallel(n: int, dev: torch.device, folder: Path, dt: torch.dtype, t0: float, asked: dict, **rows):
+    from glm.parallel.mirror import Spec, load_parallel
+
+    spec = Spec(str(folder.resolve()), str(dt).removeprefix("torch."), asked["quant"], asked["group_size"],
+                asked["quantize_lm_head"], asked["ptuning"], asked["cpu_kernel"], asked)
+    net, runner, _ = load_parallel(n, dev, spec)
+    tok_file = folder / "ice_text.model"
+    tokenizer = Tokenizer.from_config(tok_file, net.config) if tok_file.is_file() else None
+    m = ChatGLM(net, tokenizer, folder, time.perf_counter() - t0, runner=runner, **rows)
+    m.tensor_parallel = n
+    return m
 
 
 __all__ = ["ChatGLM", "GenerationError", "load", "resolve_device", "resolve_dtype"]

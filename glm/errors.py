@@ -26,6 +26,13 @@ class CheckpointError(RuntimeError):
         super().__init__(one_line(msg))
 
 
+class ParallelError(RuntimeError):
+    """Tensor parallelism that cannot start or go on: a rank that cannot start or died, ranks that disagree."""
+
+    def __init__(self, msg: str):
+        super().__init__(one_line(msg))
+
+
 class GenerationError(ValueError):
     """A prompt or setting generation cannot work with."""
 
@@ -42,4 +49,5 @@ class CLIError(Exception):
     """A problem an entry point reports as one line (`glm-chat: error: ...`), never as a traceback."""
 
 
-__all__ = ["CLIError", "CheckpointError", "ConfigError", "DataError", "GenerationError", "QueueFull", "one_line"]
+__all__ = ["CLIError", "CheckpointError", "ConfigError", "DataError", "GenerationError", "ParallelError", "QueueFull",
+           "one_line"]

@@ -1,11 +1,14 @@
 """The GLM v1 transformer of ChatGLM-6B.
 
 embeddings -> num_layers x GLMBlock -> final layernorm -> lm_head. Modules are named after the checkpoint
-(less its `transformer.` prefix), so loading is a rename table and a strict `load_state_dict`.
+(less its `transformer.` prefix), so loading is a rename table and a strict `load_state_dict`. Tensor parallelism
+(glm.parallel) shards the modules in place and sets the two `all_reduce` hooks of each block.
 Shapes: B batch, T new tokens, S key slots, C hidden, H heads, D head dim, V vocab.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -22,9 +25,10 @@ def gelu_tanh(x: Tensor) -> Tensor:
 class SelfAttention(nn.Module):
     def __init__(self, cfg: GLMConfig):
         super().__init__()
-        self.n_head, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.n_head, self.head_dim = cfg.num_attention_heads, cfg.head_dim  # heads held here (glm.parallel: 1/N)
         self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.all_reduce: Callable[[Tensor], Tensor] | None = None  # tensor parallel: sums the ranks' `dense` outputs
 
     def forward(
         self,
@@ -51,7 +55,8 @@ class SelfAttention(nn.Module):
             pk, pv = (t.expand(B, -1, -1, -1) for t in prefix_kv)
             k, v = torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)
         y = prefix_attention(q, k, v, mask)  # (B, H, T, D)
-        return self.dense(y.transpose(1, 2).reshape(B, T, C))
+        y = self.dense(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C); a partial sum per rank when sharded
+        return y if self.all_reduce is None else self.all_reduce(y)
 
 
 class MLP(nn.Module):
@@ -59,9 +64,11 @@ class MLP(nn.Module):
         super().__init__()
         self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.inner_hidden_size)
         self.dense_4h_to_h = nn.Linear(cfg.inner_hidden_size, cfg.hidden_size)
+        self.all_reduce: Callable[[Tensor], Tensor] | None = None  # tensor parallel: sums the ranks' outputs
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dense_4h_to_h(gelu_tanh(self.dense_h_to_4h(x)))
+        y = self.dense_4h_to_h(gelu_tanh(self.dense_h_to_4h(x)))
+        return y if self.all_reduce is None else self.all_reduce(y)
 
 
 class GLMBlock(nn.Module):
@@ -129,11 +136,16 @@ class GLM(nn.Module):
     def device(self) -> torch.device:
         return self.final_layernorm.weight.device
 
+    @property
+    def n_head(self) -> int:
+        """Attention heads this process holds: all of them, or its share under tensor parallelism (glm.parallel)."""
+        return self.layers[0].attention.n_head
+
     def prefix_kv(self, encoder: PrefixEncoder | None = None) -> list[tuple[Tensor, Tensor]]:
         """The P-Tuning v2 prefix keys and values of every layer, each (1, H, P, D); one pass of `encoder` (default:
         the model's own)."""
         cfg, enc = self.config, encoder if encoder is not None else self.prefix_encoder
-        kv = enc(self.dtype).view(enc.embedding.num_embeddings, cfg.num_layers * 2, cfg.num_attention_heads, -1)
+        kv = enc(self.dtype).view(enc.embedding.num_embeddings, cfg.num_layers * 2, self.n_head, -1)
         kv = kv.permute(1, 2, 0, 3).unsqueeze(1)  # (L*2, 1, H, P, D): layer i's key at 2i, its value at 2i+1
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(cfg.num_layers)]
 
@@ -186,6 +198,6 @@ class GLM(nn.Module):
         device = device or self.device
         dtype = dtype or self.dtype
         return [
-            KVCache(batch, cfg.num_attention_heads, max_len, cfg.head_dim, dtype, device)
+            KVCache(batch, self.n_head, max_len, cfg.head_dim, dtype, device)
             for _ in range(cfg.num_layers)
         ]

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from glm.errors import CLIError
+from glm.errors import CLIError, ParallelError
 
 # torch (through glm.engine) is imported only once the options have parsed, so that `--help` and option errors
 # answer at once instead of after a second or two of imports.
@@ -109,6 +109,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-context", type=count_type(2, 1 << 20), default=None, metavar="N",
                    help="tokens of prompt plus reply one conversation turn may take; longer ones are refused "
                         "(default: the model's max_sequence_length, 2048 for ChatGLM-6B)")
+    g.add_argument("--tensor-parallel", type=count_type(1, 4096), default=None, metavar="N",
+                   help="split the model over N ranks (one per GPU, or N CPU processes); this process starts the "
+                        "others, or is one of N started by torchrun (see docs/parallel.md)")
     g.add_argument("--device", default="auto", metavar="DEVICE",
                    help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
@@ -219,7 +222,9 @@ def summary(m, name: str, ptuning: str | None = None) -> str:
     if m.adapters:
         quant += f", adapters {', '.join(m.adapters)}"
     dtype = str(m.dtype).removeprefix("torch.")
-    return (f"glm: {name} on {m.device}, {dtype}, {quant}, {_human_bytes(m.memory_bytes())} weights, "
+    where = f"{m.device}" if not m.tensor_parallel else f"{m.tensor_parallel} {m.device.type} ranks (tensor parallel)"
+    per = " per rank" if m.tensor_parallel else ""
+    return (f"glm: {name} on {where}, {dtype}, {quant}, {_human_bytes(m.memory_bytes())} weights{per}, "
             f"loaded in {m.load_seconds:.1f} s")
 
 
@@ -243,8 +248,9 @@ def load_from_args(args: argparse.Namespace, log=None, max_batch: int = 1, max_w
                      ptuning=getattr(args, "ptuning", None), lora=getattr(args, "lora", None),
                      compile=args.compile, max_batch=max_batch,
                      max_context=args.max_context, max_waiting=max_waiting,
-                     cpu_kernel=getattr(args, "cpu_kernel", "exact"), progress=isatty(log))
-    except (glm.CheckpointError, glm.ConfigError, glm.GenerationError, ValueError) as e:
+                     cpu_kernel=getattr(args, "cpu_kernel", "exact"), progress=isatty(log),
+                     tensor_parallel=getattr(args, "tensor_parallel", None))
+    except (glm.CheckpointError, glm.ConfigError, glm.GenerationError, ValueError, ParallelError) as e:
         raise CLIError(str(e)) from None
     except ImportError as e:  # e.g. --quant before glm.quant is available, or a missing optional package
         raise CLIError(f"cannot load {args.model}: {e}") from None
@@ -254,6 +260,10 @@ def load_from_args(args: argparse.Namespace, log=None, max_batch: int = 1, max_w
         if is_oom(e):
             raise CLIError(oom_message("loading the model", args)) from None
         raise
+    if m.tensor_parallel:
+        from glm.parallel.world import exit_on_failure
+
+        exit_on_failure()  # a rank that dies fails what runs, then ends this program with status 1: never a hang
     if m.tokenizer is None:
         raise CLIError(f"{m.path} has no ice_text.model (the tokenizer), so it cannot chat: use a full checkpoint")
     for name, folder in getattr(args, "adapter", None) or []:

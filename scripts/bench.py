@@ -21,6 +21,13 @@ a few minutes on 2 cores, most of them building the random models (the embedding
 `--lora-adapters N` times the decode step of a batch whose rows use N different random LoRA adapters (r 8 on
 query_key_value, one row each) and base rows, applied per row as glm-serve does (`glm.generation.adapters`),
 against the same batch with every row on the base model.
+
+    python scripts/bench.py --quick --layers 2 --modes fp32 --tensor-parallel 2   # split over 2 ranks vs 1 process
+
+With `--tensor-parallel N` each mode's random model is written to a temporary checkpoint and loaded twice through
+`glm.load`: over N ranks (tensor_parallel=N) and in this process alone; both are timed through the scheduler's
+Runner (prefill, then greedy decode steps), and the rows add the time of the model's collectives per step and
+their share of the step.
 """
 
 from __future__ import annotations
@@ -426,6 +433,8 @@ def main(argv=None) -> int:
                         "the other rows on the base, against all rows on the base")
     p.add_argument("--memory-context", type=int, default=0,
                    help="also report peak memory of one generation filling this many tokens (e.g. 2048)")
+    p.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                   help="time the model split over N ranks (glm.load's tensor_parallel) against one process")
     args = p.parse_args(argv)
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
@@ -448,6 +457,10 @@ def main(argv=None) -> int:
         dtype, quant, group, kernel = MODES[mode]
         builds.setdefault((dtype or act, quant, group, kernel == "stock"), []).append(kernel)
     for (dtype, quant, group, _), kernels in builds.items():
+        if args.tensor_parallel:
+            for row in bench_parallel(cfg, device, dtype, quant, group, args):
+                print(json.dumps(row), flush=True)
+            continue
         if device.type != "cpu":
             kernels = kernels[:1]
         if args.lora_adapters:
@@ -519,6 +532,80 @@ def bench_lora(cfg, device, dtype, quant, group_size, kernel, args) -> list[dict
                      "lora_cpu_ms_per_token": round(lora_cpu * 1000, 2), "cpu_ratio": round(lora_cpu / base_cpu, 3),
                      "date": time.strftime("%Y-%m-%d")})
     return rows
+
+
+
+
+def bench_parallel(cfg, device, dtype, quant, group_size, args) -> list[dict]:
+    """One mode over `--tensor-parallel` ranks and in one process, through glm.load and the scheduler's Runner."""
+    import tempfile
+
+    import glm
+    from glm.loader import save_checkpoint
+
+    what = str(dtype).removeprefix("torch.") + (f", int{quant}" + (f"-g{group_size}" if group_size else "")
+                                                 if quant else "")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="glm-bench-") as folder:
+        progress(f"writing a random {cfg.num_layers}-block checkpoint ({str(dtype).removeprefix('torch.')})")
+        model = build_random(cfg, torch.device("cpu"), dtype, None, None)
+        save_checkpoint(model, folder)
+        del model
+        gc.collect()
+        dev = "cuda" if device.type == "cuda" else "cpu"
+        for n in (args.tensor_parallel, None):
+            progress(f"{what}: loading " + (f"over {n} ranks" if n else "in one process"))
+            m = glm.load(folder, device=dev, dtype=dtype, quant=quant, group_size=group_size,
+                         max_batch=max(args.batch), tensor_parallel=n)
+            world = getattr(m.scheduler.runner, "world", None)
+            if world is not None:
+                world.timed = True  # on GPUs: the collectives' own time, not their launch
+            for batch in args.batch:
+                who = f"{n} ranks" if n else "one process"
+                progress(f"{what}, batch {batch}, {who}: {args.repeats} run(s)")
+                runs = [_runner_run(m, world, batch, args) for _ in range(args.repeats + 1)][1:]  # the first warms up
+                prefill, step, comm = min(runs, key=lambda r: r[1])
+                rows.append({
+                    "device": device_name(device), "threads": torch.get_num_threads() if dev == "cpu" else None,
+                    "layers": cfg.num_layers, "dtype": str(dtype).removeprefix("torch."),
+                    "quant": f"int{quant}" + (f"-g{group_size}" if group_size else "") if quant else None,
+                    "tensor_parallel": n, "batch": batch, "prompt_len": args.prompt, "new_tokens": args.new,
+                    "prefill_tok_s": round(batch * args.prompt / prefill, 2),
+                    "decode_ms_per_step": round(step * 1000, 2),
+                    "collective_ms_per_step": round(comm * 1000, 2) if n else None,
+                    "collective_share": round(comm / step, 3) if n else None,
+                    "weight_gb_per_rank": round(m.memory_bytes() / 1e9, 3), "date": time.strftime("%Y-%m-%d"),
+                })
+            del m
+            gc.collect()
+            if world is not None:
+                world.close()  # the ranks stop, and this process takes all of its CPU threads back
+    return rows
+
+
+@torch.inference_mode()
+def _runner_run(m, world, batch: int, args) -> tuple[float, float, float]:
+    """(prefill s, median decode step s, the model's collectives s in that step) of `batch` rows through the Runner."""
+    runner, cfg = m.scheduler.runner, m.config
+    prompts = random_prompts(cfg, batch, args.prompt)
+    rows = list(range(batch))
+    runner.ensure(args.prompt + args.new)
+    sync(m.device)
+    t0 = time.perf_counter()
+    toks = runner.prefill(rows, prompts).argmax(-1).tolist()
+    sync(m.device)
+    prefill = time.perf_counter() - t0
+    steps = []
+    for _ in range(args.new - 1):
+        c0, t0 = world.comm_seconds if world else 0.0, time.perf_counter()
+        toks = runner.decode(rows, toks).argmax(-1).tolist()
+        sync(m.device)
+        steps.append((time.perf_counter() - t0, (world.comm_seconds if world else 0.0) - c0))
+    for i in rows:
+        runner.release(i)
+    steps.sort()
+    step, comm = steps[len(steps) // 2]
+    return prefill, step, comm
 
 
 def memory_row(cfg, device, dtype, quant, group_size, args) -> dict:

@@ -23,6 +23,9 @@ RANKS = {
     "glm.model": 3,
     "glm.lora": 3,
     "glm.loader": 4,
+    "glm.parallel": 4,  # the package's docstring
+    "glm.parallel.shard": 4,  # model, quant
+    "glm.parallel.world": 4,  # torch.distributed only
     "glm.generation.inputs": 4,
     "glm.generation.sampling": 4,
     "glm.generation.adapters": 4,
@@ -30,6 +33,8 @@ RANKS = {
     "glm.generation.runner": 5,
     "glm.generation.scheduler": 6,
     "glm.generation": 7,  # the package's __init__, which re-exports its modules
+    "glm.parallel.mirror": 7,  # loader, generation.runner
+    "glm.parallel.worker": 8,
     "glm.chat": 8,
     "glm.engine": 9,
     "glm.finetune": 9,  # the trainer's library part: data, loss, loop

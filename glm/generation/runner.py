@@ -102,7 +102,7 @@ class Runner:
             self._layout[i] = prompt_layout(p, cfg)
         return logits
 
-    def logits(self, prompt: list[int], adapter: int) -> Tensor:
+    def logits(self, prompt: list[int], adapter: int = 0) -> Tensor:
         """Every position's logits (T, V) of one prompt with `adapter`: one forward into caches of its own (the
         rows are not touched, so any thread may call it)."""
         model = self.model

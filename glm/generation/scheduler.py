@@ -35,7 +35,7 @@ class Scheduler:
     PREFILL_TOKENS = 8192  # padded prompt tokens of one prefill forward: bounds its temporary caches
 
     def __init__(self, model, *, max_batch: int = 1, max_context: int | None = None, compile: bool = False,
-                 max_waiting: int | None = None):
+                 max_waiting: int | None = None, runner: Callable[..., Runner] = Runner):
         cfg = model.config
         if not _is_int(max_batch) or not 1 <= max_batch <= 4096:
             raise GenerationError(f"max_batch must be an integer in [1, 4096], got {max_batch!r}")
@@ -46,7 +46,8 @@ class Scheduler:
             raise GenerationError(f"max_waiting must be an integer >= 0 or None, got {max_waiting!r}")
         self.model = model
         self.max_batch, self.max_context, self.max_waiting = max_batch, limit, max_waiting
-        self.runner = Runner(model, max_batch, limit, compile)
+        # `runner` makes the Runner: tensor parallelism (glm.parallel) passes one that mirrors it on every rank.
+        self.runner = runner(model, max_batch, limit, compile)
         self.sampler = Sampler(max_batch, cfg.vocab_size, model.device)
         self.step_hooks: list[Callable[[int], None]] = []  # called with the number of rows of each decode step
         self.rows: list[Request | None] = [None] * max_batch

@@ -29,11 +29,14 @@ def build_model(
     quantize_lm_head: bool = False,
     ptuning: Path | None = None,
     progress: bool = False,
+    shard=None,
 ) -> GLM:
     """Build a GLM from a checkpoint folder: meta-device construction, then assign each tensor as it is read.
 
     With `ptuning`, a P-Tuning v2 folder (config.json with pre_seq_len, and the prefix encoder's weights) is
-    applied on top, as the official ptuning scripts load it.
+    applied on top, as the official ptuning scripts load it. `shard` (a `glm.parallel.shard.ShardPlan`) makes this
+    process's tensor-parallel shard: it shapes the empty model (`prepare`), cuts each tensor as it is read (`take`)
+    and settles a linear quantized whole (`assigned`), so that only the shard is ever held.
     """
     cfg = GLMConfig.from_json(folder / "config.json")
     files = checkpoint_files(folder)
@@ -46,8 +49,10 @@ def build_model(
 
         quantizer = StreamingQuantizer.plan(cfg, quant, group_size, quantize_lm_head)
     model = _empty_model(cfg)
+    if shard is not None:
+        shard.prepare(model, quantizer)
     for path in _with_progress(files + prefix_files, progress):
-        _assign_file(model, path, path in prefix_files, device, dtype, quantizer)
+        _assign_file(model, path, path in prefix_files, device, dtype, quantizer, shard)
         if quant or stored_quant:
             _return_freed_memory()
     if cfg.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
@@ -108,18 +113,23 @@ def _with_progress(files: list[Path], show: bool) -> Iterator[Path]:
             bar.update(path.stat().st_size)
 
 
-def _assign_file(model: GLM, path: Path, from_prefix: bool, device, dtype: torch.dtype, quantizer) -> None:
+def _assign_file(model: GLM, path: Path, from_prefix: bool, device, dtype: torch.dtype, quantizer,
+                 shard=None) -> None:
     """Check and assign every tensor of one weight file that the model takes."""
     cfg = model.config
     for ck_name, t in read_tensors(path):
         name = checkpoint_to_module(ck_name)
         if not _takes(cfg, name, from_prefix):
             continue
+        if shard is not None:
+            t = shard.take(name, t)
         check_tensor(ck_name, t, _expected(model, name), cfg.quantization_bit)
         keep = quantizer is not None and quantizer.keeps_as_stored(name)
         _set_tensor(model, name, _placed(name, t, device, dtype, keep))
         if quantizer is not None:
             quantizer.assigned(model, name, dtype)
+        if shard is not None:
+            shard.assigned(model, name)
 
 
 def _takes(cfg: GLMConfig, name: str | None, from_prefix: bool) -> bool:
