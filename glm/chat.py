@@ -109,12 +109,13 @@ def _tokenizer(engine):
     return engine.tokenizer
 
 
-def submit_turn(engine, query: str, history: History, config: GenerationConfig) -> Request:
-    """Queue the reply to `query` after `history` (the official prompt template)."""
+def submit_turn(engine, query: str, history: History, config: GenerationConfig,
+                adapter: str | None = None) -> Request:
+    """Queue the reply to `query` after `history` (the official prompt template), with `adapter` if given."""
     if not isinstance(query, str):
         raise GenerationError(f"query must be a string, got {type(query).__name__}")
     return engine.submit(_tokenizer(engine).encode(build_prompt(query, history)), config,
-                         postprocess=process_response)
+                         postprocess=process_response, adapter=adapter)
 
 
 def replies(engine, request: Request) -> Iterator[tuple[str, bool]]:
@@ -135,11 +136,11 @@ def replies(engine, request: Request) -> Iterator[tuple[str, bool]]:
 
 
 def stream_reply(engine, query: str, history: History | None, config: GenerationConfig,
-                 final: bool = True) -> Iterator[str]:
+                 final: bool = True, adapter: str | None = None) -> Iterator[str]:
     """The reply so far after every token. With `final` the last value is exactly `chat`'s reply; without it
     the stream is the official one, which yields nothing for the token that ends generation (so it can end one
     token short of `chat`'s reply when max_length cuts it)."""
-    request = submit_turn(engine, query, check_history(history), config)
+    request = submit_turn(engine, query, check_history(history), config, adapter)
     for reply, last in replies(engine, request):
         if last and not final:
             return
@@ -147,19 +148,20 @@ def stream_reply(engine, query: str, history: History | None, config: Generation
 
 
 def stream_chat(engine, query: str, history: History | None, config: GenerationConfig,
-                final: bool = False) -> Iterator[tuple[str, History]]:
+                final: bool = False, adapter: str | None = None) -> Iterator[tuple[str, History]]:
     """Yield `(reply so far, history + [(query, reply so far)])` after every generated token, as the official
     stream_chat (with `final=True`, ours, the last value is exactly `chat`'s reply)."""
     history = check_history(history)
-    for reply in stream_reply(engine, query, history, config, final=final):
+    for reply in stream_reply(engine, query, history, config, final=final, adapter=adapter):
         yield reply, history + [(query, reply)]
 
 
-def chat(engine, query: str, history: History | None, config: GenerationConfig) -> tuple[str, History]:
+def chat(engine, query: str, history: History | None, config: GenerationConfig,
+         adapter: str | None = None) -> tuple[str, History]:
     """One reply, as the official `chat`: `(reply, history + [(query, reply)])`."""
     history = check_history(history)
     reply = ""
-    for reply, _ in stream_chat(engine, query, history, config, final=True):
+    for reply, _ in stream_chat(engine, query, history, config, final=True, adapter=adapter):
         pass
     return reply, history + [(query, reply)]
 

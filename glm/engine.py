@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ import torch
 
 from glm import chat as _chat
 from glm.errors import GenerationError
-from glm.generation import CHAT_DEFAULTS, GenerationConfig, Request, Scheduler, check_ids
+from glm.generation import CHAT_DEFAULTS, Batch, GenerationConfig, Request, Scheduler, check_ids
 from glm.loader import DEFAULT_MODEL, build_model, resolve, save_checkpoint
 from glm.model import GLM
 from glm.tokenizer import StopMatcher, Tokenizer
@@ -106,6 +107,7 @@ class ChatGLM:
         # only way in. `runner`: glm.parallel's mirrored Runner under tensor parallelism.
         self.scheduler = Scheduler(model, max_batch=max_batch, max_context=max_context, compile=compile,
                                    max_waiting=max_waiting, **({"runner": runner} if runner else {}))
+        self._logprobs_lock = threading.Lock()  # prompt_logprobs: one (len, vocab) logits tensor at a time
 
     @property
     def config(self):
@@ -118,6 +120,35 @@ class ChatGLM:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.dtype
+
+    @property
+    def adapters(self) -> list[str]:
+        """The names of the adapters added with `add_adapter`, in order."""
+        return list(self.scheduler.runner.adapters.names)
+
+    def add_adapter(self, name: str, folder: str | os.PathLike) -> None:
+        """Serve the adapter in `folder`, a LoRA adapter as PEFT saves it or a P-Tuning v2 prefix as the official
+        scripts save it, as `name`: a request picks it with `adapter=name` (generate, chat, submit, ...), and the
+        rows of one decode batch may each use another adapter, or none. The base weights are not touched (the
+        LoRA update stays unmerged, also on a quantized base). Raises CheckpointError for a folder that does not
+        fit this model, ValueError for a bad or taken name; nothing is changed then.
+        """
+        if not isinstance(name, str) or not name.strip() or len(name) > 256:
+            raise ValueError(f"an adapter name must be a non-empty string of up to 256 characters, got {name!r:.60}")
+        if name in self.adapters:
+            raise ValueError(f"an adapter named {name!r} was already added: give each adapter its own name")
+        runner = self.scheduler.runner
+        if self.tensor_parallel:
+            raise ValueError("adapters cannot be added to a model split over tensor-parallel ranks: load it without "
+                             "tensor_parallel")
+        if runner.compile:
+            raise ValueError("adapters cannot be added to a model loaded with compile=True (its compiled decode "
+                             "step has no per-row adapters): load it without compile")
+        from glm.loader.adapters import read_adapter
+
+        adapter = read_adapter(self.model, folder)  # every check first: a bad folder changes nothing
+        with self.scheduler.between_steps():
+            runner.adapters.add(name, adapter)
 
     @property
     def max_context(self) -> int:
@@ -138,52 +169,87 @@ class ChatGLM:
         return total
 
     @torch.inference_mode()
-    def logits(self, input_ids) -> torch.Tensor:
-        """float32 logits (len, vocab) of one uncached forward over a prompt."""
+    def logits(self, input_ids, *, adapter: str | None = None) -> torch.Tensor:
+        """float32 logits (len, vocab) of one uncached forward over a prompt (with `adapter`: that adapter's)."""
         ids = check_ids(input_ids, self.config)
         if len(ids) > self.max_context:
             raise GenerationError(f"the prompt is {len(ids)} tokens, over the context limit of {self.max_context}")
-        return self.scheduler.runner.logits(ids)
+        runner = self.scheduler.runner  # under tensor parallelism every rank runs this forward
+        return runner.logits(ids, runner.adapters.id(adapter))
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, input_ids, k: int = 0, chunk: int = 64, *, adapter: str | None = None
+                        ) -> list[tuple[int, float | None, list]]:
+        """(id, log-probability given the ids before it, its top-k [(id, logprob)]) of each prompt token, the
+        first one's (None, []): one uncached forward without the last position's logits, log-softmaxed `chunk`
+        positions at a time, never as a second (len, vocab) tensor. One call at a time holds its logits."""
+        ids = check_ids(input_ids, self.config)
+        if len(ids) > self.max_context:
+            raise GenerationError(f"the prompt is {len(ids)} tokens, over the context limit of {self.max_context}")
+        batch = Batch.from_prompts([ids], self.config, self.device)
+        at = torch.arange(len(ids), device=self.device)[None] < len(ids) - 1  # (1, T): all but the last
+        out = [(ids[0], None, [])]
+        with self._logprobs_lock:
+            if adapter is not None or self.tensor_parallel:  # through the runner: an adapter, or every rank
+                logits = self.logits(ids, adapter=adapter)[:-1].float()
+            else:
+                logits = self.model(batch.ids, batch.position_ids,
+                                    batch.mask(prefix=self.config.pre_seq_len or 0), logits_at=at)  # (T - 1, V)
+            nxt = torch.tensor(ids[1:], device=self.device)[:, None]
+            for a in range(0, len(ids) - 1, chunk):
+                rows = logits[a : a + chunk]
+                lse = rows.logsumexp(-1, keepdim=True)
+                got = (rows.gather(1, nxt[a : a + chunk]) - lse)[:, 0].tolist()
+                top = [[]] * len(got)
+                if k:
+                    v, i = rows.topk(k)
+                    top = [list(zip(a_, b_)) for a_, b_ in zip(i.tolist(), (v - lse).tolist())]
+                out += [(t, lp, tp) for t, lp, tp in zip(ids[a + 1 : a + 1 + chunk], got, top)]
+        return out
 
     def submit(self, input_ids, config: GenerationConfig, *, logits_hook=None, sink=None, n: int | None = None,
-               postprocess: Callable[[str], str] | None = None) -> Request | list[Request]:
+               postprocess: Callable[[str], str] | None = None, adapter: str | None = None) -> Request | list[Request]:
         """Queue one prompt: the one way into generation, for every caller. Iterate the returned Request for its
         new ids (or pass `sink`, called with each event from the scheduler's thread); `.result` once it has ended.
 
         With `n`, a list of n choices that share one prefill and then decode as rows of their own (choice j
         samples with seed `seed + j`); `sink` is then called as `sink(j, event)`. Stop strings are matched on
-        `postprocess(text)` when given (a chat reply's `process_response`: what the reader gets).
-        Raises GenerationError for a bad prompt or setting, and QueueFull when `max_waiting` requests wait.
+        `postprocess(text)` when given (a chat reply's `process_response`: what the reader gets). `adapter`: the
+        name of an adapter added with `add_adapter` (None: the base model).
+        Raises GenerationError for a bad prompt, setting or adapter, and QueueFull when `max_waiting` requests wait.
         """
+        aid = self.scheduler.runner.adapters.id(adapter)
         stop_match = None
         if isinstance(config, GenerationConfig) and config.stop and self.tokenizer is not None:
             stop_match = functools.partial(StopMatcher, self.tokenizer, config.stop, postprocess)
         return self.scheduler.submit(input_ids, config, logits_hook=logits_hook, sink=sink, stop_match=stop_match,
-                                     n=n)
+                                     n=n, adapter=aid)
 
     def generate_stream(self, input_ids, max_new_tokens: int | None = None, *, logits_hook=None,
-                        **settings) -> Iterator[int]:
+                        adapter: str | None = None, **settings) -> Iterator[int]:
         """Yield the new ids of one prompt as they come. Settings: those of `GenerationConfig`."""
         req = self.submit(input_ids, GenerationConfig.from_settings(max_new_tokens=max_new_tokens, **settings),
-                          logits_hook=logits_hook)
+                          logits_hook=logits_hook, adapter=adapter)
         try:
             yield from req
         finally:
             req.cancel()  # a caller that stops early frees the row at once
         _warn_nan([req])
 
-    def generate(self, input_ids, max_new_tokens: int | None = None, *, logits_hook=None, **settings):
+    def generate(self, input_ids, max_new_tokens: int | None = None, *, logits_hook=None, adapter: str | None = None,
+                 **settings):
         """New ids after the prompt: a list for one prompt, a list of lists for a batch (each row as if alone).
 
         With `stop_at_eos` (default) a row ends with its `<eop>`, included. Settings: those of
         `GenerationConfig` (max_length, do_sample, temperature, top_p, top_k, repetition_penalty, seed, stop).
+        `adapter`: the name of an adapter added with `add_adapter` (None: the base model).
         """
         prompts, batched = _as_prompts(input_ids)
         config = GenerationConfig.from_settings(max_new_tokens=max_new_tokens, **settings)
         reqs: list[Request] = []
         try:
             for p in prompts:
-                reqs.append(self.submit(p, config, logits_hook=logits_hook))
+                reqs.append(self.submit(p, config, logits_hook=logits_hook, adapter=adapter))
             rows = [list(r) for r in reqs]
         finally:
             for r in reqs:
@@ -191,16 +257,18 @@ class ChatGLM:
         _warn_nan(reqs)
         return rows if batched else rows[0]
 
-    def chat(self, query: str, history=None, **settings):
+    def chat(self, query: str, history=None, *, adapter: str | None = None, **settings):
         """The official `chat`: returns `(reply, history)`. Settings: those of `GenerationConfig`; the defaults
         are the official ones (`glm.generation.CHAT_DEFAULTS`: max_length 2048, do_sample, top_p 0.7, temperature
-        0.95, top_k 50)."""
-        return _chat.chat(self, query, history, CHAT_DEFAULTS.replace(**settings))
+        0.95, top_k 50). `adapter`: the name of an adapter added with `add_adapter`."""
+        return _chat.chat(self, query, history, CHAT_DEFAULTS.replace(**settings), adapter=adapter)
 
-    def stream_chat(self, query: str, history=None, *, final: bool = False, **settings):
+    def stream_chat(self, query: str, history=None, *, final: bool = False, adapter: str | None = None,
+                    **settings):
         """The official `stream_chat`: yields `(reply so far, history)` after every token (with `final=True`, the
-        last value is exactly `chat`'s reply). Settings as `chat`."""
-        return _chat.stream_chat(self, query, history, CHAT_DEFAULTS.replace(**settings), final=final)
+        last value is exactly `chat`'s reply). Settings and `adapter` as `chat`."""
+        return _chat.stream_chat(self, query, history, CHAT_DEFAULTS.replace(**settings), final=final,
+                                 adapter=adapter)
 
     def save(self, folder: str | os.PathLike, merge_lora: bool = False) -> Path:
         """Save weights (safetensors), config and tokenizer so that `glm.load(folder)` restores this model.
@@ -214,6 +282,9 @@ class ChatGLM:
         if self.tensor_parallel:
             raise ValueError("this model is split over tensor-parallel ranks and this process holds only its shard: "
                              "save the model loaded without tensor_parallel")
+        if self.adapters:
+            raise ValueError(f"this model serves adapters added with add_adapter ({', '.join(self.adapters)}): save "
+                             "a model loaded without them")
         if lora_modules(self.model):
             if not merge_lora:
                 raise ValueError("this model has a LoRA adapter: save it with merge_lora=True (the official layout "

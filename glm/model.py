@@ -141,10 +141,11 @@ class GLM(nn.Module):
         """Attention heads this process holds: all of them, or its share under tensor parallelism (glm.parallel)."""
         return self.layers[0].attention.n_head
 
-    def prefix_kv(self) -> list[tuple[Tensor, Tensor]]:
-        """The P-Tuning v2 prefix keys and values of every layer, each (1, H, P, D); one encoder pass."""
-        cfg = self.config
-        kv = self.prefix_encoder(self.dtype).view(cfg.pre_seq_len, cfg.num_layers * 2, self.n_head, -1)
+    def prefix_kv(self, encoder: PrefixEncoder | None = None) -> list[tuple[Tensor, Tensor]]:
+        """The P-Tuning v2 prefix keys and values of every layer, each (1, H, P, D); one pass of `encoder` (default:
+        the model's own)."""
+        cfg, enc = self.config, encoder if encoder is not None else self.prefix_encoder
+        kv = enc(self.dtype).view(enc.embedding.num_embeddings, cfg.num_layers * 2, self.n_head, -1)
         kv = kv.permute(1, 2, 0, 3).unsqueeze(1)  # (L*2, 1, H, P, D): layer i's key at 2i, its value at 2i+1
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(cfg.num_layers)]
 
@@ -200,14 +201,3 @@ class GLM(nn.Module):
             KVCache(batch, self.n_head, max_len, cfg.head_dim, dtype, device)
             for _ in range(cfg.num_layers)
         ]
-
-    def fill_prefix(self, caches: list[KVCache]) -> int:
-        """Write the P-Tuning prefix into slots [0, pre_seq_len) of `caches`; returns how many slots it takes."""
-        if not self.config.pre_seq_len:
-            return 0
-        P = self.config.pre_seq_len
-        pos = torch.arange(P, device=caches[0].k.device)
-        for c, (pk, pv) in zip(caches, self.prefix_kv()):
-            B = c.k.shape[0]
-            c.update(pos, pk.expand(B, -1, -1, -1).to(c.k.dtype), pv.expand(B, -1, -1, -1).to(c.v.dtype))
-        return P

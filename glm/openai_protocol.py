@@ -18,6 +18,7 @@ SETTING_FIELDS = (("temperature", (int, float), "a number"), ("top_p", (int, flo
                   ("frequency_penalty", (int, float), "a number"), ("min_p", (int, float), "a number"))
 MAX_N = 8  # choices per request (and never more than --max-batch: each choice decodes in a cache row of its own)
 MAX_LEGACY_LOGPROBS = 5  # /v1/completions' logprobs limit (OpenAI's)
+MAX_CHOICES = 64  # prompts x n of one /v1/completions request: each choice waits for a cache row of its own
 # The fields each endpoint understands; any other (not null) is a 400 naming it, so that nothing is silently
 # ignored. The last group are fields that change nothing here (bookkeeping of OpenAI's own), accepted as such.
 _COMMON = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
@@ -53,6 +54,13 @@ def field(body: dict, name: str, kinds, default=None, check=None, what: str = ""
 
 
 # ---------------------------------------------------------------------------------------------------- the app
+
+
+def check_model(model: str, names: list[str]) -> None:
+    """A 404 listing the served models unless `model` is one of them (the base model's name, or an adapter's)."""
+    if model not in names:
+        raise APIError(404, f"the model {json.dumps(model)[:80]} does not exist: this server serves "
+                            f"{', '.join(map(repr, names))}", code="model_not_found", param="model")
 
 
 def config_error(e: GenerationError, names: dict) -> APIError:
@@ -109,6 +117,38 @@ def chat_prompt(body: dict) -> str:
     return build_prompt(texts[-1], history)
 
 
+def completion_prompts(body: dict, cfg) -> list[str | list[int]]:
+    """The prompts of a /v1/completions body, in OpenAI's four forms: a string, a list of strings, a list of token
+    ids, a list of lists of token ids. Token ids are the model's input as they are, with the `[gMASK] <sop>`
+    that the tokenizer appends to text (`cfg`: the model's GLMConfig, for the ids)."""
+    p = body.get("prompt")
+    is_id = lambda t: isinstance(t, int) and not isinstance(t, bool)  # noqa: E731
+    if isinstance(p, str):
+        prompts = [p]
+    elif isinstance(p, list) and p and all(map(is_id, p)):
+        prompts = [p]
+    elif isinstance(p, list) and p and all(isinstance(x, str) for x in p):
+        prompts = p
+    elif isinstance(p, list) and p and all(isinstance(x, list) and x and all(map(is_id, x)) for x in p):
+        prompts = p
+    else:
+        raise APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of lists "
+                            "of token ids (none empty)", param="prompt")
+    if len(prompts) > MAX_CHOICES:
+        raise APIError(400, f"'prompt' holds {len(prompts)} prompts, over {MAX_CHOICES} per request: split them",
+                       param="prompt")
+    for ids in (x for x in prompts if isinstance(x, list)):
+        bad = next((t for t in ids if not 0 <= t < cfg.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"'prompt' holds the token id {bad}, outside this model's vocabulary [0, "
+                                f"{cfg.vocab_size})", param="prompt")
+        # GLM generates the block of a [gMASK] (or [MASK]) after <sop>: the engine's condition, said for HTTP.
+        if cfg.bos_token_id not in ids or cfg.gmask_token_id not in ids and cfg.mask_token_id not in ids:
+            raise APIError(400, f"token-id prompts must hold [gMASK] and <sop> (ids {cfg.gmask_token_id} and "
+                                f"{cfg.bos_token_id}), as text is encoded with them at its end", param="prompt")
+    return prompts
+
+
 def chat_logprobs(entries: list, token_text) -> dict:
     """OpenAI's chat shape of (id, logprob, [(id, logprob)]) entries; `token_text(id)` is a token's text."""
     def one(i, lp):
@@ -132,9 +172,10 @@ def legacy_logprobs(entries: list, offset: int, token_text) -> tuple[dict, int]:
     return out, offset
 
 
-def request_settings(body: dict, prompt_len: int, chat: bool, *, max_context: int,
-                     max_batch: int) -> tuple[GenerationConfig, dict]:
-    """(config, options) of a request, or an APIError; options: stream, include_usage, n, echo.
+def request_settings(body: dict, prompt_len: int, chat: bool, *, max_context: int, max_batch: int,
+                     prompts: int = 1) -> tuple[GenerationConfig, dict]:
+    """(config, options) of a request (of one of its `prompts`), or an APIError; options: stream, include_usage, n,
+    echo.
 
     Here the fields' JSON types are checked; their values are GenerationConfig's to judge, whose message is the
     error (naming the field as the client sent it). Fields left out take the official chat's values
@@ -157,6 +198,9 @@ def request_settings(body: dict, prompt_len: int, chat: bool, *, max_context: in
     top_n = min(MAX_N, max_batch)
     n = field(body, "n", int, 1, lambda v: 1 <= v <= top_n,
                f"an integer in [1, {top_n}] (up to {MAX_N}, and this server's --max-batch)")
+    if prompts * n > MAX_CHOICES:
+        raise APIError(400, f"{prompts} prompts with n={n} make {prompts * n} choices, over {MAX_CHOICES} per "
+                            "request: send fewer prompts per request", param="n")
     names = {"max_new_tokens": "max_tokens", "stop_at_eos": "ignore_eos"}  # GenerationConfig's -> the client's
     echo = False
     if chat:
@@ -196,7 +240,8 @@ def request_settings(body: dict, prompt_len: int, chat: bool, *, max_context: in
     if max_tokens is None:
         if prompt_len >= limit:
             raise APIError(400, f"the prompt is {prompt_len} tokens, over the context of {limit} tokens by "
-                                f"{prompt_len + 1 - limit}: shorten it", param="messages", code="context_length")
+                                f"{prompt_len + 1 - limit}: shorten it", param="messages" if chat else "prompt",
+                           code="context_length")
         config = config.replace(max_new_tokens=limit - prompt_len)
     elif prompt_len + max_tokens > limit:
         over = prompt_len + max_tokens - limit

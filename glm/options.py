@@ -146,6 +146,34 @@ def check_model_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error("--group-size applies to --quant 4 only")
 
 
+def adapter_spec(s: str) -> tuple[str, str]:
+    """`--adapter NAME=DIR` as (NAME, DIR)."""
+    name, sep, folder = s.partition("=")
+    if not sep or not name.strip() or not folder.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR (a name for the adapter, then its folder), got {s!r}")
+    return name, folder
+
+
+adapter_spec.__name__ = "NAME=DIR"  # argparse names the type in some messages
+
+
+def add_adapter_args(group) -> None:
+    """`--adapter NAME=DIR`, repeatable: adapters served beside the base model (glm-serve)."""
+    group.add_argument("--adapter", type=adapter_spec, action="append", default=[], metavar="NAME=DIR",
+                       help="also serve the LoRA adapter (as PEFT saves it) or P-Tuning v2 prefix in DIR as the model "
+                            "NAME; repeatable. A request's model picks its adapter, the base model's name none")
+
+
+def check_adapters(parser: argparse.ArgumentParser, args: argparse.Namespace, base_name: str) -> None:
+    """Every `--adapter` name is its own and not the base model's (checked before anything loads)."""
+    seen = {base_name}
+    for name, _ in args.adapter:
+        if name in seen:
+            what = "the base model's name" if name == base_name else "given twice"
+            parser.error(f"--adapter {name}=...: the name {name!r} is {what}; give each adapter its own name")
+        seen.add(name)
+
+
 
 # ---------------------------------------------------------------------------------------------------- loading
 
@@ -191,6 +219,8 @@ def summary(m, name: str, ptuning: str | None = None) -> str:
     lora = list(lora_modules(m.model).values())
     if lora:
         quant += f", LoRA r={lora[0].lora_A.shape[0]} on {len(lora)} linears"
+    if m.adapters:
+        quant += f", adapters {', '.join(m.adapters)}"
     dtype = str(m.dtype).removeprefix("torch.")
     where = f"{m.device}" if not m.tensor_parallel else f"{m.tensor_parallel} {m.device.type} ranks (tensor parallel)"
     per = " per rank" if m.tensor_parallel else ""
@@ -236,6 +266,11 @@ def load_from_args(args: argparse.Namespace, log=None, max_batch: int = 1, max_w
         exit_on_failure()  # a rank that dies fails what runs, then ends this program with status 1: never a hang
     if m.tokenizer is None:
         raise CLIError(f"{m.path} has no ice_text.model (the tokenizer), so it cannot chat: use a full checkpoint")
+    for name, folder in getattr(args, "adapter", None) or []:
+        try:
+            m.add_adapter(name, folder)
+        except (glm.CheckpointError, glm.ConfigError, ValueError) as e:
+            raise CLIError(f"--adapter {name}={folder}: {e}") from None
     print(summary(m, model_name(args.model), getattr(args, "ptuning", None)), file=log, flush=True)
     return m
 

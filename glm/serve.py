@@ -8,13 +8,13 @@ FastAPI, uvicorn and prometheus_client are imported only here.
 
 import argparse
 import asyncio
-import hmac
 import json
 import logging
 import sys
 import time
 import uuid
 
+from glm.http_guard import HTTPGuard, Refused, add_args
 from glm.openai_protocol import (
     CHAT_FIELDS,
     COMPLETION_FIELDS,
@@ -22,6 +22,8 @@ from glm.openai_protocol import (
     chat_logprobs,
     chat_prompt,
     check_fields,
+    check_model,
+    completion_prompts,
     config_error,
     field,
     legacy_logprobs,
@@ -30,7 +32,9 @@ from glm.openai_protocol import (
 from glm.options import (
     ArgumentParser,
     CLIError,
+    add_adapter_args,
     add_model_args,
+    check_adapters,
     check_model_args,
     count_type,
     model_name,
@@ -38,7 +42,7 @@ from glm.options import (
 )
 
 log = logging.getLogger("glm.serve")
-POLL_DISCONNECT = 0.5  # seconds between checks that a non-streaming client is still there
+POLL_DISCONNECT = 0.5  # seconds between checks that a non-streaming client is still there, tokens flowing or not
 
 
 def _port(s: str) -> int:
@@ -57,11 +61,11 @@ def build_parser(prog: str = "glm-serve") -> ArgumentParser:
                    help="requests decoded together, one cache row each (default: 8)")
     g.add_argument("--max-waiting", type=count_type(0, 100_000), default=256, metavar="N",
                    help="requests that may wait for a row; past that the server answers 429 (default: 256)")
-    g.add_argument("--api-key", default=None, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on /v1/ requests")
     g.add_argument("--model-name", default=None, metavar="NAME",
                    help="the model id clients send and /v1/models lists (default: the checkpoint's name without "
                         "its Hub owner, e.g. chatglm-6b)")
+    add_args(p)
+    add_adapter_args(g)
     add_model_args(p)
     return p
 
@@ -96,8 +100,9 @@ def served_name(args: argparse.Namespace) -> str:
     return args.model_name or model_name(args.model).rpartition("/")[2]
 
 
-def create_app(m, name: str, api_key: str | None = None):
-    """The FastAPI app serving `m` (a loaded ChatGLM) under the model id `name`."""
+def create_app(m, name: str, api_key: str | None = None, guard: HTTPGuard | None = None):
+    """The FastAPI app serving `m` (a loaded ChatGLM) under the model id `name`, behind `guard` (default: a
+    loopback server's, requiring `api_key` if given)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -108,12 +113,15 @@ def create_app(m, name: str, api_key: str | None = None):
     from glm.tokenizer import StreamDecoder
 
     app = FastAPI(title="glm-serve", docs_url=None, redoc_url=None, openapi_url=None)
+    guard = guard or HTTPGuard(api_key=api_key)
+    guard.install(app)
     sched = m.scheduler
     metrics = Metrics(sched)
     created = int(time.time())
 
     @app.exception_handler(APIError)
-    async def _api_error(_, e: APIError):
+    @app.exception_handler(Refused)
+    async def _api_error(_, e: APIError | Refused):
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(404)
@@ -124,32 +132,19 @@ def create_app(m, name: str, api_key: str | None = None):
     async def _bad_method(request, _):
         return JSONResponse(APIError(405, f"{request.method} is not allowed on {request.url.path}").body(), 405)
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        got = request.headers.get("authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
-            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
-                           "authentication_error", code="invalid_api_key")
-
     async def read_body(request: Request) -> dict:
-        authorize(request)
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            raise APIError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
+        guard.authorize(request.headers)
+        body = await guard.read_json(request)
         model = field(body, "model", str, what="a string")
         if model is None:
             raise APIError(400, "'model' is required", param="model")
-        if model != name:
-            raise APIError(404, f"the model '{model}' does not exist: this server serves '{name}'",
-                           code="model_not_found", param="model")
+        check_model(model, [name, *m.adapters])
         return body
 
-    def submit(ids: list[int], config: GenerationConfig, n: int, chat: bool):
-        """Queue n choices of a prompt, whose (choice, event) pairs arrive on an asyncio queue of this loop."""
+    def submit(prompts: list[list[int]], configs: list[GenerationConfig], n: int, chat: bool,
+               adapter: str | None):
+        """Queue n choices of each prompt, whose (choice, event) pairs arrive on an asyncio queue of this loop;
+        choice j of prompt i is choice i * n + j (OpenAI's and vLLM's index)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         reqs: list = []
@@ -160,31 +155,40 @@ def create_app(m, name: str, api_key: str | None = None):
             events.put_nowait((j, ev))
 
         try:
-            # A chat's stop strings match the reply as the client gets it (process_response's text).
-            reqs += m.submit(ids, config, n=n, postprocess=process_response if chat else None,
-                             sink=lambda j, ev: loop.call_soon_threadsafe(arrive, j, ev))
-        except QueueFull as e:
+            for i, (ids, config) in enumerate(zip(prompts, configs)):
+                # A chat's stop strings match the reply as the client gets it (process_response's text).
+                reqs += m.submit(ids, config, n=n, postprocess=process_response if chat else None,
+                                 adapter=adapter,
+                                 sink=lambda j, ev, i=i: loop.call_soon_threadsafe(arrive, i * n + j, ev))
+        except (QueueFull, GenerationError) as e:
+            for r in reqs:
+                r.cancel()  # the prompts queued before this one
+            if not isinstance(e, QueueFull):
+                raise config_error(e, {}) from None
             raise APIError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
-        except GenerationError as e:
-            raise config_error(e, {}) from None
-        metrics.prompt.inc(len(ids))
+        metrics.prompt.inc(sum(map(len, prompts)))
         return reqs, events
 
     async def tokens(reqs: list, events, request: Request | None = None):
         """(choice, new id or None at its end) of a request's choices until all have ended; cancels them if the
         consumer goes away (or the client disconnects)."""
-        live, first = len(reqs), True
+        live, first, check_at = len(reqs), True, time.monotonic() + POLL_DISCONNECT
         try:
             while live:
                 if request is None:
                     j, ev = await events.get()
-                else:  # nothing is being sent: look for a disconnected client from time to time
+                else:  # nothing is being sent: look for a disconnected client every POLL_DISCONNECT seconds
                     try:
-                        j, ev = await asyncio.wait_for(events.get(), POLL_DISCONNECT)
+                        got = await asyncio.wait_for(events.get(), max(check_at - time.monotonic(), 0.001))
                     except asyncio.TimeoutError:
+                        got = None
+                    if time.monotonic() >= check_at:  # whether tokens flow or not
                         if await request.is_disconnected():
                             return
+                        check_at = time.monotonic() + POLL_DISCONNECT
+                    if got is None:
                         continue
+                    j, ev = got
                 if isinstance(ev, BaseException):
                     log.error("generation failed: %s: %s", type(ev).__name__, ev)
                     raise APIError(500, f"generation failed: {type(ev).__name__}: {ev}", "server_error")
@@ -200,44 +204,34 @@ def create_app(m, name: str, api_key: str | None = None):
             for r in reqs:
                 r.cancel()  # a no-op once it has ended; frees the row at once otherwise
 
-    def usage(reqs: list) -> dict:
-        """The prompt once (one prefill), the completion tokens of all choices."""
-        p, c = len(reqs[0].prompt), sum(len(r.tokens) for r in reqs)
+    def usage(reqs: list, n: int) -> dict:
+        """Each prompt once (one prefill for its n choices), the completion tokens of all choices."""
+        p, c = sum(len(r.prompt) for r in reqs[::n]), sum(len(r.tokens) for r in reqs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def token_text(i: int) -> str:
         return m.tokenizer.decode([i])
 
-    async def prompt_logprobs(ids: list[int], k: int) -> list:
-        """The entries of the prompt's tokens (the first has no logprob): one uncached forward, off the loop."""
-        import torch
-
-        def work():
-            with torch.inference_mode():
-                lp = m.logits(ids).float().log_softmax(-1)
-            out = [(ids[0], None, [])]
-            for i in range(1, len(ids)):
-                top = lp[i - 1].topk(k) if k else None
-                out.append((ids[i], lp[i - 1, ids[i]].item(),
-                            list(zip(top.indices.tolist(), top.values.tolist())) if k else []))
-            return out
-
-        return await asyncio.to_thread(work)
-
-    async def run(request: Request, prompt_ids: list[int], body: dict, chat: bool, prompt_text: str = ""):
-        config, o = request_settings(body, len(prompt_ids), chat, max_context=m.max_context,
-                                     max_batch=sched.max_batch)
+    async def run(request: Request, prompts: list[list[int]], body: dict, chat: bool, prompt_texts=()):
+        """The reply to a chat (one prompt) or a completions request (prompts with their texts, for echo)."""
+        settings = [request_settings(body, len(p), chat, max_context=m.max_context, max_batch=sched.max_batch,
+                                     prompts=len(prompts)) for p in prompts]  # max_tokens' default: per prompt
+        config, o = settings[0]
         stream, n, echo, want_lp = o["stream"], o["n"], o["echo"], config.logprobs is not None
-        echoed = prompt_text if echo else ""
-        head = await prompt_logprobs(prompt_ids, config.logprobs) if echo and want_lp else []
-        reqs, events = submit(prompt_ids, config, n, chat)
+        adapter = None if body["model"] == name else body["model"]  # the base model's name: no adapter
+        N = len(prompts) * n  # choices; choice j answers prompt j // n
+        echoed = [prompt_texts[j // n] if echo else "" for j in range(N)]
+        # The prompts' own entries under echo: one uncached forward each, off the loop.
+        heads = [await asyncio.to_thread(m.prompt_logprobs, p, config.logprobs, adapter=adapter)
+                 if echo and want_lp else [] for p in prompts]
+        reqs, events = submit(prompts, [c for c, _ in settings], n, chat, adapter)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion" if chat else "text_completion"
-        decs = [StreamDecoder(m.tokenizer) for _ in range(n)]
-        texts = [SettledText(config.stop, chat=chat) for _ in range(n)]
-        seen = [0] * n  # tokens of each choice received here
-        sent = [0] * n  # of them, those whose logprobs have been sent
-        offset = [len(echoed)] * n  # legacy text_offset of each choice's next token
+        decs = [StreamDecoder(m.tokenizer) for _ in range(N)]
+        texts = [SettledText(config.stop, chat=chat) for _ in range(N)]
+        seen = [0] * N  # tokens of each choice received here
+        sent = [0] * N  # of them, those whose logprobs have been sent
+        offset = [len(e) for e in echoed]  # legacy text_offset of each choice's next token
 
         def reply_now(j: int) -> str:
             return process_response(decs[j].current) if chat else decs[j].current
@@ -266,7 +260,7 @@ def create_app(m, name: str, api_key: str | None = None):
             if stream and o["include_usage"]:  # OpenAI's: every chunk has the field, null but in the last
                 extra.setdefault("usage", None)
             return {"id": rid, "object": obj + (".chunk" if stream and chat else ""), "created": int(time.time()),
-                    "model": name, "choices": choices, **extra}
+                    "model": body["model"], "choices": choices, **extra}
 
         if not stream:
             ended = 0
@@ -276,22 +270,22 @@ def create_app(m, name: str, api_key: str | None = None):
                 else:
                     decs[j].put(t)
                     seen[j] += 1
-            if ended < n:  # the client went away
+            if ended < N:  # the client went away
                 return JSONResponse({}, status_code=499)
-            out = [choice(j, echoed + texts[j].cut(reply_now(j)), reqs[j].result.finish_reason, False,
-                          logprobs_upto(j, head)) for j in range(n)]
-            return JSONResponse(envelope(out, usage=usage(reqs)))
+            out = [choice(j, echoed[j] + texts[j].cut(reply_now(j)), reqs[j].result.finish_reason, False,
+                          logprobs_upto(j, heads[j // n])) for j in range(N)]
+            return JSONResponse(envelope(out, usage=usage(reqs, n)))
 
         async def sse():
             def line(payload) -> str:
                 return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-            for j in range(n):
+            for j in range(N):
                 if chat:
                     yield line(envelope([{"index": j, "delta": {"role": "assistant", "content": ""},
                                           "finish_reason": None, "logprobs": None}]))
                 elif echo:
-                    yield line(envelope([choice(j, echoed, None, True, logprobs_upto(j, head))]))
+                    yield line(envelope([choice(j, echoed[j], None, True, logprobs_upto(j, heads[j // n]))]))
             try:
                 async for j, t in tokens(reqs, events):
                     if t is not None:
@@ -311,7 +305,7 @@ def create_app(m, name: str, api_key: str | None = None):
                 yield "data: [DONE]\n\n"
                 return
             if o["include_usage"]:
-                yield line(envelope([], usage=usage(reqs)))
+                yield line(envelope([], usage=usage(reqs, n)))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream",
@@ -321,34 +315,35 @@ def create_app(m, name: str, api_key: str | None = None):
     async def chat_completions(request: Request):
         body = await read_body(request)
         check_fields(body, CHAT_FIELDS, "/v1/chat/completions")
-        return await run(request, m.tokenizer.encode(chat_prompt(body)), body, chat=True)
+        ids = await asyncio.to_thread(m.tokenizer.encode, chat_prompt(body))  # off the loop: it may be long
+        return await run(request, [ids], body, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request)
         check_fields(body, COMPLETION_FIELDS, "/v1/completions")
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise APIError(400, "'prompt' must be a string (one prompt per request)", param="prompt")
-        return await run(request, m.tokenizer.encode(prompt), body, chat=False, prompt_text=prompt)
+        prompts = completion_prompts(body, m.config)
 
-    def model_card() -> dict:
-        return {"id": name, "object": "model", "created": created, "owned_by": "glm"}
+        def encode():  # off the loop: a long prompt takes a while to tokenize
+            ids = [p if isinstance(p, list) else m.tokenizer.encode(p) for p in prompts]
+            return ids, [m.tokenizer.decode(p) if isinstance(p, list) else p for p in prompts]
+
+        ids, texts = await asyncio.to_thread(encode)
+        return await run(request, ids, body, chat=False, prompt_texts=texts)
+
+    def model_card(model_id: str) -> dict:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "glm"}
 
     @app.get("/v1/models")
     async def models(request: Request):
-        authorize(request)
-        return {"object": "list", "data": [model_card()]}
+        guard.authorize(request.headers)
+        return {"object": "list", "data": [model_card(x) for x in [name, *m.adapters]]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(request: Request, model_id: str):
-        authorize(request)
-        if model_id != name:
-            raise APIError(404, f"the model '{model_id}' does not exist: this server serves '{name}'",
-                           code="model_not_found", param="model")
-        return model_card()
+        guard.authorize(request.headers)
+        check_model(model_id, [name, *m.adapters])
+        return model_card(model_id)
 
     @app.get("/health")
     async def health():
@@ -366,7 +361,9 @@ def main(argv: list[str] | None = None, prog: str = "glm-serve") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     check_model_args(parser, args)
+    check_adapters(parser, args, served_name(args))
     try:
+        guard = HTTPGuard.from_args(args)
         m = prepare_server(args, ("fastapi", "uvicorn", "prometheus_client"), "pip install 'glm[serve]'")
     except CLIError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
@@ -374,7 +371,7 @@ def main(argv: list[str] | None = None, prog: str = "glm-serve") -> int:
     except KeyboardInterrupt:
         return 130
     name = served_name(args)
-    app = create_app(m, name, api_key=args.api_key)
+    app = create_app(m, name, guard=guard)
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format=f"{prog}: %(message)s")

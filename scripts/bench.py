@@ -16,6 +16,12 @@ a few minutes on 2 cores, most of them building the random models (the embedding
     python scripts/bench.py --layers 4 --modes int4,int4-fast --batch 1,8 --quant-lm-head
     python scripts/bench.py --device cuda --compile           # full model on a GPU: fp16, int8, int4
     python scripts/bench.py --device cuda --kernels           # also the INT8/INT4 kernel micro-benchmarks
+    python scripts/bench.py --quick --modes int4 --batch 8 --lora-adapters 4   # 4 LoRA adapters + base rows
+
+`--lora-adapters N` times the decode step of a batch whose rows use N different random LoRA adapters (r 8 on
+query_key_value, one row each) and base rows, applied per row as glm-serve does (`glm.generation.adapters`),
+against the same batch with every row on the base model.
+
     python scripts/bench.py --quick --layers 2 --modes fp32 --tensor-parallel 2   # split over 2 ranks vs 1 process
 
 With `--tensor-parallel N` each mode's random model is written to a temporary checkpoint and loaded twice through
@@ -422,6 +428,9 @@ def main(argv=None) -> int:
     p.add_argument("--quant-lm-head", action="store_true", help="quantized modes: quantize lm_head too")
     p.add_argument("--no-naive", action="store_true", help="with --compile: skip the eager comparison")
     p.add_argument("--kernels", action="store_true", help="also run the INT8/INT4 kernel micro-benchmarks (CUDA)")
+    p.add_argument("--lora-adapters", type=int, default=0, metavar="N",
+                   help="time the decode step with N LoRA adapters (r 8 on query_key_value) on N rows of the batch, "
+                        "the other rows on the base, against all rows on the base")
     p.add_argument("--memory-context", type=int, default=0,
                    help="also report peak memory of one generation filling this many tokens (e.g. 2048)")
     p.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
@@ -454,6 +463,10 @@ def main(argv=None) -> int:
             continue
         if device.type != "cpu":
             kernels = kernels[:1]
+        if args.lora_adapters:
+            for row in bench_lora(cfg, device, dtype, quant, group, kernels[0], args):
+                print(json.dumps(row), flush=True)
+            continue
         for row in bench_model(cfg, device, dtype, quant, group, kernels, args, bandwidth):
             print(json.dumps(row), flush=True)
         if args.memory_context:
@@ -464,6 +477,63 @@ def main(argv=None) -> int:
         for row in kernel_bench(device=str(device)):
             print(json.dumps(row), flush=True)
     return 0
+
+
+def bench_lora(cfg, device, dtype, quant, group_size, kernel, args) -> list[dict]:
+    """The decode step of each batch size with `--lora-adapters` random adapters on as many rows (the others on the
+    base) against every row on the base; the fastest of `--repeats` runs of each, interleaved. Also the CPU time of
+    the whole run (prefill included) per new token: on a machine shared with other work it moves less than the wall
+    time does."""
+    from glm.generation.adapters import Adapters
+    from glm.lora import LoRAFactors
+
+    n, r = args.lora_adapters, 8
+    progress(f"building a random {cfg.num_layers}-block model with {n} LoRA adapters (r {r} on query_key_value)")
+    model = build_random(cfg, device, dtype, quant, group_size, quant_lm_head=args.quant_lm_head)
+    if quant and kernel and kernel != "stock":
+        from glm.quant import set_cpu_kernel
+
+        set_cpu_kernel(model, kernel)
+    bank = Adapters(model)
+    g = torch.Generator().manual_seed(0)
+    C = cfg.hidden_size
+    for k in range(n):  # A as PEFT initialises it (Kaiming-uniform), B small and random (trained, not zero)
+        factors = {f"layers.{i}.attention.query_key_value": ((torch.rand(r, C, generator=g) * 2 - 1) / C**0.5,
+                                                            torch.randn(3 * C, r, generator=g) * 0.01)
+                   for i in range(cfg.num_layers)}
+        bank.add(f"adapter{k}", LoRAFactors(factors, scaling=16 / r))
+    rows = []
+    for batch in args.batch:
+        prompts = random_prompts(cfg, batch, args.prompt)
+        slots = torch.tensor([k + 1 if k < n else 0 for k in range(batch)], device=device)
+        dec = GreedyDecoder(model, batch, args.prompt + args.new)
+        times: dict[str, list[float]] = {"base": [], "lora": []}
+        cpu: dict[str, list[float]] = {"base": [], "lora": []}
+        for i in range(args.repeats + 1):  # the first round warms up
+            for what, index in (("base", None), ("lora", slots)):
+                progress(f"batch {batch}, {'all rows on the base' if index is None else f'{n} adapters'}: run {i}")
+                c0 = time.process_time()
+                with bank.use(index):
+                    t = dec.run(prompts, args.new)[1]
+                if i:
+                    times[what].append(t)
+                    cpu[what].append((time.process_time() - c0) / args.new)
+        base, lora = min(times["base"]), min(times["lora"])
+        base_cpu, lora_cpu = min(cpu["base"]), min(cpu["lora"])
+        threads = torch.get_num_threads() if device.type == "cpu" else None
+        rows.append({"device": device_name(device), "threads": threads, "layers": cfg.num_layers,
+                     "dtype": str(dtype).removeprefix("torch."),
+                     "quant": f"int{quant}" + (f"-g{group_size}" if group_size else "") if quant else None,
+                     "cpu_kernel": kernel if quant and device.type == "cpu" else None,
+                     "quant_lm_head": bool(quant and args.quant_lm_head), "batch": batch, "lora_adapters": n,
+                     "lora_rows": min(n, batch), "lora_r": r, "prompt_len": args.prompt, "new_tokens": args.new,
+                     "base_ms_per_step": round(base * 1000, 2), "lora_ms_per_step": round(lora * 1000, 2),
+                     "ratio": round(lora / base, 3), "base_cpu_ms_per_token": round(base_cpu * 1000, 2),
+                     "lora_cpu_ms_per_token": round(lora_cpu * 1000, 2), "cpu_ratio": round(lora_cpu / base_cpu, 3),
+                     "date": time.strftime("%Y-%m-%d")})
+    return rows
+
+
 
 
 def bench_parallel(cfg, device, dtype, quant, group_size, args) -> list[dict]:

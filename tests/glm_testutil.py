@@ -88,3 +88,48 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+
+
+def make_lora(folder: Path, seed: int, r: int = 4, alpha: float = 8, targets=("query_key_value",),
+              base: str = "chatglm-tiny") -> Path:
+    """A LoRA adapter of random factors for the tiny model `base`, as PEFT saves it (its config and key names)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from glm.config import GLMConfig
+    from glm.lora import PEFT_PREFIX
+
+    cfg = GLMConfig.from_json(FIXTURES / base / "config.json")
+    h, f = cfg.hidden_size, cfg.inner_hidden_size
+    shapes = {"query_key_value": ("attention", h, 3 * h), "dense": ("attention", h, h),
+              "dense_h_to_4h": ("mlp", h, f), "dense_4h_to_h": ("mlp", f, h)}
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(cfg.num_layers):
+        for t in targets:
+            block, n_in, n_out = shapes[t]
+            key = f"{PEFT_PREFIX}layers.{i}.{block}.{t}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, n_in, generator=g) / n_in**0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(n_out, r, generator=g) * 0.5
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = json.loads((FIXTURES / "chatglm-tiny-lora" / "adapter" / "adapter_config.json").read_text())
+    config.update(r=r, lora_alpha=alpha, target_modules=list(targets), base_model_name_or_path=base)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def make_prefix(folder: Path, pre_seq_len: int, seed: int) -> Path:
+    """A P-Tuning v2 prefix of random values for chatglm-tiny, as the official ptuning scripts save it."""
+    import torch
+
+    src = FIXTURES / "chatglm-tiny-ptuning-train" / "prefix"
+    config = json.loads((src / "config.json").read_text())
+    config["pre_seq_len"] = pre_seq_len
+    width = config["num_layers"] * 2 * config["hidden_size"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    g = torch.Generator().manual_seed(seed)
+    torch.save({"transformer.prefix_encoder.embedding.weight": torch.randn(pre_seq_len, width, generator=g)},
+               folder / "pytorch_model.bin")
+    return folder

@@ -28,6 +28,7 @@ RANKS = {
     "glm.parallel.world": 4,  # torch.distributed only
     "glm.generation.inputs": 4,
     "glm.generation.sampling": 4,
+    "glm.generation.adapters": 4,
     "glm.generation.request": 5,
     "glm.generation.runner": 5,
     "glm.generation.scheduler": 6,
@@ -39,6 +40,7 @@ RANKS = {
     "glm.finetune": 9,  # the trainer's library part: data, loss, loop
     "glm.options": 10,
     "glm.openai_protocol": 10,  # glm-serve's wire format, apart from the app
+    "glm.http_guard": 10,  # glm-serve's checks at the HTTP edge (Host, Origin, Content-Type, body, API key)
     "glm.finetune.cli": 11,
     "glm.cli": 11,
     "glm.web": 11,

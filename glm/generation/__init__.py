@@ -4,6 +4,7 @@ glm-serve), each module one concern and importing nothing above it:
 - `inputs`: prompt layout, GLM's 2D positions, id checks, the left-padded batch of an uncached forward;
 - `sampling`: `GenerationConfig` (the one validator of every setting) and the batched per-row sampler;
 - `request`: `Request` and `Result`;
+- `adapters`: the LoRA adapters and P-Tuning prefixes one model serves side by side, by name;
 - `runner`: the KV caches of a pool of rows, prefill, the decode step, compilation;
 - `scheduler`: the queue, rows, admission, cancellation, finish decisions, the worker thread.
 """

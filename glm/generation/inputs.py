@@ -98,10 +98,14 @@ class Batch:
         t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
         return cls(t(ids), t(pos), t(valid, torch.bool), t(ctxs))
 
-    def mask(self, prefix: int = 0) -> Tensor:
-        """(B, 1, T, prefix + T) bool mask; `prefix` P-Tuning slots come first, seen by all."""
+    def mask(self, prefix: int = 0, prefix_len: Tensor | None = None) -> Tensor:
+        """(B, 1, T, prefix + T) bool mask; `prefix` P-Tuning slots come first, seen by all (with `prefix_len`
+        (B,), row b's first prefix_len[b] of them only: its own prefix; the others are masked)."""
         B, T = self.ids.shape
-        valid = torch.cat((self.valid.new_ones(B, prefix), self.valid), dim=1)
+        pre = self.valid.new_ones(B, prefix)
+        if prefix_len is not None:
+            pre = torch.arange(prefix, device=pre.device)[None, :] < prefix_len[:, None]
+        valid = torch.cat((pre, self.valid), dim=1)
         slots = torch.arange(prefix, prefix + T, device=self.ids.device)
         return attention_mask(valid, self.context_len + prefix, slots, prefix + T)
 

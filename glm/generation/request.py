@@ -46,9 +46,10 @@ class Request:
     """
 
     def __init__(self, prompt: list[int], config: GenerationConfig, budget: int, *, logits_hook=None, sink=None,
-                 stop_match: StopMatch | None = None, wake: Callable[[], None] | None = None):
+                 stop_match: StopMatch | None = None, wake: Callable[[], None] | None = None, adapter: int = 0):
         self.prompt = prompt
         self.config = config
+        self.adapter = adapter  # the number of the adapter its row uses (0: none; see glm.generation.adapters)
         self.budget = budget
         self.logits_hook = logits_hook
         self.stop_match = stop_match

@@ -9,6 +9,7 @@ settings, so a request's output does not depend on what else is in the batch.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import threading
 import weakref
@@ -52,6 +53,7 @@ class Scheduler:
         self.rows: list[Request | None] = [None] * max_batch
         self.waiting: deque[list[Request]] = deque()  # groups: the choices of one prompt are admitted together
         self._cv = threading.Condition()
+        self._step = threading.RLock()  # held by the worker through each step; `between_steps` waits for it
         self._worker: threading.Thread | None = None
 
     # -- public
@@ -65,15 +67,18 @@ class Scheduler:
         return sum(len(g) for g in self.waiting)
 
     def submit(self, prompt, config: GenerationConfig, *, logits_hook=None, sink=None,
-               stop_match: Callable[[], StopMatch] | None = None, n: int | None = None) -> Request | list[Request]:
+               stop_match: Callable[[], StopMatch] | None = None, n: int | None = None,
+               adapter: int = 0) -> Request | list[Request]:
         """Queue one prompt; raises GenerationError for a bad prompt or setting, QueueFull when full.
 
         With `n`, a list of n requests (choices) sharing one prefill of the prompt, then decoding as separate rows;
         choice j draws with seed `seed + j`. `sink`, if given, is then called as `sink(j, event)`. `stop_match`
-        makes a stop-string matcher for each request.
+        makes a stop-string matcher for each request. `adapter`: the number of a `runner.adapters` (0: none).
         """
         if not isinstance(config, GenerationConfig):
             raise GenerationError(f"config must be a GenerationConfig, got {type(config).__name__}")
+        if not _is_int(adapter) or not 0 <= adapter <= len(self.runner.adapters):
+            raise GenerationError(f"adapter must be the number of one of this model's adapters, got {adapter!r}")
         if n is not None and (not _is_int(n) or not 1 <= n <= self.max_batch):
             raise GenerationError(f"n must be an integer in [1, {self.max_batch}] (this model's cache rows, "
                                   f"max_batch), got {n!r}")
@@ -97,7 +102,8 @@ class Scheduler:
             c = config if j == 0 or config.seed is None else config.replace(seed=(config.seed + j) % MAX_SEED)
             put = sink if n is None or sink is None else functools.partial(sink, j)
             group.append(Request(prompt, c, int(min(budget, room)), logits_hook=logits_hook, sink=put,
-                                 stop_match=stop_match() if config.stop else None, wake=self._wake))
+                                 stop_match=stop_match() if config.stop else None, wake=self._wake,
+                                 adapter=adapter))
         with self._cv:
             if self.max_waiting is not None and self.n_waiting + len(group) > self.max_waiting:
                 raise QueueFull(f"the server is busy: {self.n_waiting} requests are already waiting; retry later")
@@ -113,6 +119,12 @@ class Scheduler:
         with self._cv:
             self._cv.notify()
 
+    @contextlib.contextmanager
+    def between_steps(self):
+        """Hold the worker between two steps (where adapters are added: no step sees half of one)."""
+        with self._step:
+            yield
+
     # -- the worker
 
     def _run_once(self, idle_wait: float) -> None:
@@ -122,10 +134,11 @@ class Scheduler:
                 self._cv.wait(idle_wait)
                 return
         try:
-            self._drop_cancelled()
-            self._admit()
-            if self.running:
-                self._decode_step()
+            with self._step:
+                self._drop_cancelled()
+                self._admit()
+                if self.running:
+                    self._decode_step()
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: handed to each running request, which raises it
             for i, r in enumerate(self.rows):
                 if r is not None:
@@ -184,7 +197,8 @@ class Scheduler:
             for i, req in zip(rows, g):
                 self.rows[i] = req
                 self.sampler.set_row(i, req.config, req.prompt)
-        logits = self.runner.prefill([rows[0] for rows, _ in groups], [g[0].prompt for _, g in groups])
+        logits = self.runner.prefill([rows[0] for rows, _ in groups], [g[0].prompt for _, g in groups],
+                                     [g[0].adapter for _, g in groups])
         for rows, _ in groups:  # the other choices of a prompt start from a copy of its row
             if len(rows) > 1:
                 self.runner.fork(rows[0], rows[1:])

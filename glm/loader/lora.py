@@ -71,8 +71,9 @@ def adapter_file(folder: Path) -> Path:
     raise CheckpointError(f"{folder} has no adapter_model.safetensors or adapter_model.bin")
 
 
-def apply_lora(model: nn.Module, folder: str | Path) -> dict:
-    """Wrap the linears an adapter targets in `LoRALinear`, with its factors; returns its settings."""
+def read_lora(model: nn.Module, folder: str | Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """An adapter's settings and its factors by module name, A (r, in) and B (out, r), each checked against the
+    linear of `model` it targets: a one-line CheckpointError (naming the tensor) for anything wrong."""
     folder = Path(folder)
     cfg = read_adapter_config(folder)
     factors: dict[str, dict[str, torch.Tensor]] = {}
@@ -87,6 +88,7 @@ def apply_lora(model: nn.Module, folder: str | Path) -> dict:
         factors.setdefault(f"layers.{layer}.{block}.{leaf}", {})[which] = t
     if not factors:
         raise CheckpointError(f"{path} holds no LoRA factors")
+    out = {}
     for name, ab in sorted(factors.items()):
         try:
             base = model.get_submodule(name)
@@ -101,12 +103,24 @@ def apply_lora(model: nn.Module, folder: str | Path) -> dict:
             if tuple(t.shape) != want:
                 raise CheckpointError(f"{path}: {PREFIX}{name}.lora_{which}.weight has shape {tuple(t.shape)}, "
                                       f"expected {want}: the adapter is for another model size (or another r)")
-        dev = next(base.parameters()).device
+            if not t.is_floating_point():
+                raise CheckpointError(f"{path}: {PREFIX}{name}.lora_{which}.weight is {t.dtype}, not floating "
+                                      "point: the file is corrupt")
         # The factors stay float32 (as PEFT keeps them), whatever the base's dtype: they are small.
-        wrapped = LoRALinear(base, a.to(dev, torch.float32), b.to(dev, torch.float32), cfg["scaling"], cfg["dropout"])
+        out[name] = (a.float(), b.float())
+    return cfg, out
+
+
+def apply_lora(model: nn.Module, folder: str | Path) -> dict:
+    """Wrap the linears an adapter targets in `LoRALinear`, with its factors; returns its settings."""
+    cfg, factors = read_lora(model, folder)
+    for name, (a, b) in factors.items():
+        base = model.get_submodule(name)
+        dev = next(base.parameters()).device
+        wrapped = LoRALinear(base, a.to(dev), b.to(dev), cfg["scaling"], cfg["dropout"])
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, wrapped)
     return cfg
 
 
-__all__ = ["apply_lora", "read_adapter_config"]
+__all__ = ["apply_lora", "read_adapter_config", "read_lora"]

@@ -149,7 +149,9 @@ class MirroredRunner(Runner):
             return super().release(i)  # the scheduler frees the rows of failed requests: nothing to keep in step
         return self.world.call("release", self.mid, (i,), super().release)
 
-    def prefill(self, rows, prompts):
+    def prefill(self, rows, prompts, adapters=None):
+        if adapters is not None and any(adapters):  # engine.add_adapter refuses them: the ranks hold no adapters
+            raise ParallelError("tensor parallelism serves no adapters")
         return self.world.call("prefill", self.mid, (rows, prompts), super().prefill)
 
     def fork(self, src, dsts) -> None:
@@ -158,7 +160,9 @@ class MirroredRunner(Runner):
     def decode(self, rows, tokens):
         return self.world.call("decode", self.mid, (rows, tokens), super().decode)
 
-    def logits(self, prompt):
+    def logits(self, prompt, adapter: int = 0):
+        if adapter:
+            raise ParallelError("tensor parallelism serves no adapters")
         return self.world.call("logits", self.mid, (prompt,), super().logits)
 
 
