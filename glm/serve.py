@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 
+from glm.cluster import add_cluster_args, check_cluster_args
 from glm.openai_protocol import (
     CHAT_FIELDS,
     COMPLETION_FIELDS,
@@ -33,6 +34,7 @@ from glm.options import (
     add_model_args,
     check_model_args,
     count_type,
+    load_from_args,
     model_name,
     prepare_server,
 )
@@ -63,6 +65,7 @@ def build_parser(prog: str = "glm-serve") -> ArgumentParser:
                    help="the model id clients send and /v1/models lists (default: the checkpoint's name without "
                         "its Hub owner, e.g. chatglm-6b)")
     add_model_args(p)
+    add_cluster_args(p)
     return p
 
 
@@ -362,10 +365,21 @@ def create_app(m, name: str, api_key: str | None = None):
     return app
 
 
+def replica_app(args: argparse.Namespace):
+    """The app of one replica on Ray Serve, in the replica's process."""
+    m = load_from_args(args, max_batch=args.max_batch, max_waiting=args.max_waiting)
+    return create_app(m, served_name(args), api_key=args.api_key)
+
+
 def main(argv: list[str] | None = None, prog: str = "glm-serve") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     check_model_args(parser, args)
+    check_cluster_args(parser, args)
+    if args.replicas or args.autoscale:  # the same app, built in each replica (glm.cluster)
+        from glm.cluster import serve_replicas
+
+        return serve_replicas(args, replica_app, prog)
     try:
         m = prepare_server(args, ("fastapi", "uvicorn", "prometheus_client"), "pip install 'glm[serve]'")
     except CLIError as e:

@@ -34,6 +34,7 @@ RANKS = {
     "glm.finetune": 9,  # the trainer's library part: data, loss, loop
     "glm.options": 10,
     "glm.openai_protocol": 10,  # glm-serve's wire format, apart from the app
+    "glm.cluster": 10.5,  # glm-serve's replicas on Ray Serve: uses options, used by serve (which hands it the app)
     "glm.finetune.cli": 11,
     "glm.cli": 11,
     "glm.web": 11,
