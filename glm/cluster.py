@@ -150,14 +150,14 @@ def merge_metrics(reports: list[dict]) -> bytes:
 class Replica:
     """One replica: the app `build()` returns, behind `Routes`. Reports to the registry while it lives."""
 
-    async def __init__(self, build, threads: int | None):
+    async def __init__(self, build, device: str, threads: int | None):
         import ray
+        import torch
         from ray import serve
 
         if threads:
-            import torch
-
             torch.set_num_threads(threads)
+        self.where = {"device": device, "threads": torch.get_num_threads()} if threads else {"device": device}
         self.id = serve.get_replica_context().replica_tag
         self.node = ray.get_runtime_context().get_node_id()[:8]
         self.state, self.requests, self.engine_app = "STARTING", 0, None
@@ -171,7 +171,8 @@ class Replica:
         return Routes(self.engine_app, self)
 
     async def _report(self) -> None:
-        info = {"id": self.id, "state": self.state, "requests": self.requests, "node": self.node, "pid": os.getpid()}
+        info = {"id": self.id, "state": self.state, "requests": self.requests, "node": self.node, "pid": os.getpid(),
+                **self.where}
         if self.engine_app is not None:
             own = json.loads(await asgi_get(self.engine_app, "/health"))
             info.update(running=own["running"], waiting=own["waiting"],
@@ -179,8 +180,13 @@ class Replica:
         await self.registry.report.remote(self.id, info)
 
     async def _heartbeat(self) -> None:
+        from ray.exceptions import RayError
+
         while True:
-            await self._report()
+            try:
+                await self._report()
+            except RayError as e:  # the registry restarting (its node lost): the next report refills it
+                logging.getLogger("glm.cluster").warning("replica %s: report failed: %s", self.id, e)
             await asyncio.sleep(HEARTBEAT)
 
     async def health(self) -> dict:
@@ -386,7 +392,7 @@ def serve_replicas(args: argparse.Namespace, factory, prog: str = "glm-serve") -
         print(f"{prog}: starting {n} replica(s) on Ray Serve ({device}"
               + (f", {threads} threads each" if threads else ", one GPU each") + ")", file=sys.stderr, flush=True)
         try:
-            serve.run(app.bind(functools.partial(factory, replica_args), threads), name=APP, route_prefix="/",
+            serve.run(app.bind(functools.partial(factory, replica_args), device, threads), name=APP, route_prefix="/",
                       logging_config=QUIET)
         except RuntimeError as e:  # the deployment failed: its message holds the replicas' tracebacks
             dep = serve.status().applications.get(APP)
