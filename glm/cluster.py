@@ -347,6 +347,20 @@ def _failure(message: str) -> str:
     return lines[-1] if lines else "no reason given"
 
 
+def _unreachable(address: str) -> str | None:
+    """Why nothing answers at a HOST:PORT address, as one line (Ray itself would retry for ever); None: it may."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return None  # "auto", or a form Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as e:
+        return f"no Ray cluster answers at {address} ({e.strerror or e}): start one with `ray start --head`"
+    return None
+
+
 def serve_replicas(args: argparse.Namespace, factory, prog: str = "glm-serve") -> int:
     """Deploy `factory(args)` (glm-serve's app, built in each replica) on Ray Serve and serve until Ctrl+C or
     SIGTERM; then delete the deployment, and stop the Ray instance if this started it."""
@@ -355,7 +369,7 @@ def serve_replicas(args: argparse.Namespace, factory, prog: str = "glm-serve") -
     missing = [p for p in ("ray", "fastapi", "prometheus_client") if importlib.util.find_spec(p) is None]
     local = args.ray_address is None
     why = (f"this needs {', '.join(missing)}: pip install 'glm[cluster]'" if missing
-           else bind_error(args.host, args.port) if local else None)
+           else bind_error(args.host, args.port) if local else _unreachable(args.ray_address))
     if why:
         print(f"{prog}: error: {why}", file=sys.stderr)
         return 1
@@ -374,7 +388,10 @@ def serve_replicas(args: argparse.Namespace, factory, prog: str = "glm-serve") -
             ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=100 << 20,
                      namespace=NAMESPACE, logging_level=logging.WARNING)
         else:
-            ray.init(address=args.ray_address, namespace=NAMESPACE, logging_level=logging.WARNING)
+            try:
+                ray.init(address=args.ray_address, namespace=NAMESPACE, logging_level=logging.WARNING)
+            except ConnectionError as e:  # e.g. auto, and no cluster on this machine
+                raise CLIError(f"cannot join the Ray cluster at {args.ray_address}: {e}") from None
         # After ray.init, which installs a handler of its own that ends the process at once.
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl+C does
         actor, device, threads = _resources(args, ray)

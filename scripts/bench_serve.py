@@ -184,10 +184,16 @@ def compare(client, args, argv: list[str]) -> list[dict]:
         name = f"ray-{replicas}" if replicas else "plain"
         with running(client, argv + (["--replicas", str(replicas)] if replicas else []), free_port()) as url:
             if replicas <= 1:
-                rows.append(latency(client, url, name, args))
+                rows.append(report(latency(client, url, name, args)))
             for clients in (8, 16):
-                rows.append(concurrent(client, url, name, clients, clients, args))
+                rows.append(report(concurrent(client, url, name, clients, clients, args)))
     return rows
+
+
+def report(row: dict) -> dict:
+    row["machine"] = platform.processor() or platform.machine()
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def free_port() -> int:
@@ -218,19 +224,18 @@ def main(argv=None) -> int:
     argv = list(argv if argv is not None else sys.argv[1:])
     with httpx.Client(timeout=3600) as client:
         if args.replicas:
-            rows = compare(client, args, argv)
-        else:
-            with running(client, argv, args.port or free_port()) as url:
-                n = args.requests or args.clients
-                jobs = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-                t0 = time.perf_counter()
-                serial = [one(client, url, q, args.new) for q in jobs]
-                rows = [summarize("one-at-a-time", serial, time.perf_counter() - t0, args),
-                        concurrent(client, url, "concurrent", args.clients, n, args)]
-            rows[1]["speedup"] = round(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
+            compare(client, args, argv)
+            return 0
+        with running(client, argv, args.port or free_port()) as url:
+            n = args.requests or args.clients
+            jobs = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+            t0 = time.perf_counter()
+            serial = [one(client, url, q, args.new) for q in jobs]
+            rows = [summarize("one-at-a-time", serial, time.perf_counter() - t0, args),
+                    concurrent(client, url, "concurrent", args.clients, n, args)]
+        rows[1]["speedup"] = round(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
     for r in rows:
-        r["machine"] = platform.processor() or platform.machine()
-        print(json.dumps(r), flush=True)
+        report(r)
     return 0
 
 

@@ -86,6 +86,21 @@ def test_cluster_options_are_checked(argv, needle, capsys):
     assert e.value.code == 2 and needle in capsys.readouterr().err
 
 
+@needs_ray
+def test_no_cluster_at_the_address_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from glm_testutil import FIXTURES
+
+    r = subprocess.run([sys.executable, "-m", "glm.serve", "--model", str(FIXTURES / "chatglm-tiny"), "--replicas",
+                        "1", "--ray-address", "127.0.0.1:1"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(FIXTURES.parent.parent)))
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "glm-serve: error: no Ray cluster answers at 127.0.0.1:1 (Connection refused): start one with `ray start "
+        "--head`"]
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     srv = Cluster("--replicas", "2", "--max-batch", "4", log=tmp_path_factory.mktemp("cluster") / "server.log")
