@@ -391,7 +391,8 @@ def serve_replicas(args: argparse.Namespace, factory, prog: str = "glm-serve") -
             try:
                 ray.init(address=args.ray_address, namespace=NAMESPACE, logging_level=logging.WARNING)
             except ConnectionError as e:  # e.g. auto, and no cluster on this machine
-                raise CLIError(f"cannot join the Ray cluster at {args.ray_address}: {e}") from None
+                raise CLIError(f"cannot join the Ray cluster at {args.ray_address}: {e} (with an address, Ray "
+                               "sends its token only with RAY_AUTH_MODE=token: see docs/serve.md)") from None
         # After ray.init, which installs a handler of its own that ends the process at once.
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl+C does
         actor, device, threads = _resources(args, ray)

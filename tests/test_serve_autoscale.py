@@ -23,6 +23,8 @@ pytest.importorskip("openai")
 
 # Ray's switch for single-node use: the node's address is 127.0.0.1, so the cluster listens on the loopback only.
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Ray uses its token (~/.ray/auth_token) with an explicit address only when told to.
+TOKEN = {"RAY_AUTH_MODE": "token"}
 
 
 def cmdlines(sid: int) -> list[str]:
@@ -47,9 +49,13 @@ def ray_cluster(tmp_path):
                                 env={**os.environ, **LOOPBACK}, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     try:
+        deadline = time.monotonic() + START
+        while b"Ray runtime started" not in (tmp_path / "ray.log").read_bytes():
+            assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "ray.log").read_text()
+            time.sleep(0.5)
         yield f"127.0.0.1:{port}", head.pid
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        head.send_signal(signal.SIGTERM)  # `ray start --block` then stops the processes it started
         try:
             head.wait(60)
         except subprocess.TimeoutExpired:
@@ -60,8 +66,8 @@ def ray_cluster(tmp_path):
 
 def test_autoscale_up_under_a_burst_and_back_down(ray_cluster, tmp_path, chatglm_tiny, monkeypatch):
     address, head = ray_cluster
-    for k, v in LOOPBACK.items():
-        monkeypatch.setenv(k, v)  # for glm-serve's driver, a node of the cluster
+    for k, v in {**LOOPBACK, **TOKEN}.items():
+        monkeypatch.setenv(k, v)  # for glm-serve's driver, on a node of the cluster
     srv = Cluster("--ray-address", address, "--autoscale", "1:2", "--autoscale-delay", "0.5:2", "--max-batch", "1",
                   "--threads", "2", log=tmp_path / "server.log")
     try:
