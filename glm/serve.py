@@ -8,12 +8,14 @@ FastAPI, uvicorn and prometheus_client are imported only here.
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import sys
 import time
 import uuid
 
+from glm.cluster import add_cluster_args, check_cluster_args
 from glm.http_guard import HTTPGuard, Refused, add_args
 from glm.openai_protocol import (
     CHAT_FIELDS,
@@ -37,6 +39,7 @@ from glm.options import (
     check_adapters,
     check_model_args,
     count_type,
+    load_from_args,
     model_name,
     prepare_server,
 )
@@ -67,6 +70,7 @@ def build_parser(prog: str = "glm-serve") -> ArgumentParser:
     add_args(p)
     add_adapter_args(g)
     add_model_args(p)
+    add_cluster_args(p)
     return p
 
 
@@ -357,13 +361,25 @@ def create_app(m, name: str, api_key: str | None = None, guard: HTTPGuard | None
     return app
 
 
+def replica_app(args: argparse.Namespace, guard: HTTPGuard):
+    """The app of one replica on Ray Serve, in the replica's process (`guard`: made where glm-serve started, which
+    has the key's file or environment)."""
+    m = load_from_args(args, max_batch=args.max_batch, max_waiting=args.max_waiting)
+    return create_app(m, served_name(args), guard=guard)
+
+
 def main(argv: list[str] | None = None, prog: str = "glm-serve") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     check_model_args(parser, args)
     check_adapters(parser, args, served_name(args))
+    check_cluster_args(parser, args)
     try:
         guard = HTTPGuard.from_args(args)
+        if args.replicas or args.autoscale:  # the same app, built in each replica (glm.cluster)
+            from glm.cluster import serve_replicas
+
+            return serve_replicas(args, functools.partial(replica_app, guard=guard), prog)
         m = prepare_server(args, ("fastapi", "uvicorn", "prometheus_client"), "pip install 'glm[serve]'")
     except CLIError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

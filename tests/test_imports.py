@@ -13,8 +13,17 @@ def _run(code: str) -> str:
 
 def test_import_glm_is_lean():
     out = _run("import sys, glm; print(sorted(m for m in sys.modules if m.split('.')[0] in "
-               "('torch', 'triton', 'gradio', 'sentencepiece')))")
+               "('torch', 'triton', 'gradio', 'sentencepiece', 'ray')))")
     assert out == "[]"  # torch itself loads on first use
+
+
+def test_plain_glm_serve_never_imports_ray():
+    # Only --replicas/--autoscale import it (glm.cluster, lazily); glm-serve's parser and app do not.
+    out = _run("import sys, glm.serve\n"
+               "glm.serve.create_app(glm.load('tests/fixtures/chatglm-tiny'), 'x')\n"
+               "glm.serve.build_parser().parse_args(['--replicas', '2'])\n"
+               "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))")
+    assert out == "[]"
 
 
 def test_loading_and_chatting_on_cpu_never_loads_our_triton_kernels_or_gradio_nor_touches_cuda():

@@ -41,6 +41,7 @@ RANKS = {
     "glm.options": 10,
     "glm.openai_protocol": 10,  # glm-serve's wire format, apart from the app
     "glm.http_guard": 10,  # glm-serve's checks at the HTTP edge (Host, Origin, Content-Type, body, API key)
+    "glm.cluster": 10.5,  # glm-serve's replicas on Ray Serve: uses options, used by serve (which hands it the app)
     "glm.finetune.cli": 11,
     "glm.cli": 11,
     "glm.web": 11,
