@@ -366,10 +366,10 @@ def load(
     folder = resolve(model, revision)
     dt = resolve_dtype(dtype, dev, _n_params(folder))
     if tensor_parallel is not None:
-        return _load_parallel(tensor_parallel, dev, folder, dt, t0, dict(
-            dtype=str(dtype), quant=quant or None, group_size=group_size, quantize_lm_head=quantize_lm_head,
-            ptuning=str(Path(ptuning).resolve()) if ptuning else None, cpu_kernel=cpu_kernel),
-            max_batch=max_batch, max_context=max_context, max_waiting=max_waiting)
+        asked = dict(dtype=str(dtype), quant=quant or None, group_size=group_size, quantize_lm_head=quantize_lm_head,
+                     ptuning=ptuning is not None, cpu_kernel=cpu_kernel)  # the options, as every rank was given them
+        return _load_parallel(tensor_parallel, dev, folder, dt, ptuning, t0, asked, max_batch=max_batch,
+                              max_context=max_context, max_waiting=max_waiting)
     net = build_model(folder, device=dev, dtype=dt, quant=quant or None, group_size=group_size,
                       quantize_lm_head=quantize_lm_head, ptuning=Path(ptuning) if ptuning else None, progress=progress)
     if cpu_kernel != "exact":
@@ -407,11 +407,13 @@ def _check_parallel(n, device, compile: bool, lora) -> None:
                          f"kind without an index: use 'cuda' rather than {str(device)[:20]!r}")
 
 
-def _load_parallel(n: int, dev: torch.device, folder: Path, dt: torch.dtype, t0: float, asked: dict, **rows):
+def _load_parallel(n: int, dev: torch.device, folder: Path, dt: torch.dtype, ptuning, t0: float, asked: dict,
+                   **rows) -> ChatGLM:
     from glm.parallel.mirror import Spec, load_parallel
 
-    spec = Spec(str(folder.resolve()), str(dt).removeprefix("torch."), asked["quant"], asked["group_size"],
-                asked["quantize_lm_head"], asked["ptuning"], asked["cpu_kernel"], asked)
+    spec = Spec(str(folder.resolve()), str(dt).removeprefix("torch."), quant=asked["quant"],
+                group_size=asked["group_size"], quantize_lm_head=asked["quantize_lm_head"],
+                ptuning=str(Path(ptuning).resolve()) if ptuning else None, cpu_kernel=asked["cpu_kernel"], asked=asked)
     net, runner, _ = load_parallel(n, dev, spec)
     tok_file = folder / "ice_text.model"
     tokenizer = Tokenizer.from_config(tok_file, net.config) if tok_file.is_file() else None

@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -112,9 +113,12 @@ class World:
             raise ParallelError(f"cannot listen on 127.0.0.1 for the tensor-parallel ranks: {e}") from None
         store.set("backend", _backend(kind))
         procs, logs = [], []
+        # The other ranks import the glm this process runs, wherever it was found.
+        here = str(Path(__file__).resolve().parents[2])
+        path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
         for r in range(1, size):
             env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(size), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(store.port), **{PARENT_ENV: str(os.getpid())})
+                       MASTER_PORT=str(store.port), PYTHONPATH=path, **{PARENT_ENV: str(os.getpid())})
             log = tempfile.TemporaryFile()
             logs.append(log)
             procs.append(subprocess.Popen(worker_command(), env=env, stdin=subprocess.DEVNULL,

@@ -164,6 +164,31 @@ def test_a_batch_and_choices_equal_one_process(tp):
     assert [list(r) for r in m.submit(IDS, cfg, n=3)] == [list(r) for r in one.submit(IDS, cfg, n=3)]
 
 
+def test_a_cancelled_stream_frees_its_row_on_every_rank(tp):
+    m = tp("glm-tiny")
+    stream = m.generate_stream(IDS, 40, stop_at_eos=False)
+    next(stream)
+    stream.close()  # cancelled: rank 0 frees the row and the other rank with it
+    case = GREEDY[0]
+    assert m.generate(case["input_ids"], len(case["greedy_ids"]), stop_at_eos=False) == case["greedy_ids"]
+
+
+@pytest.mark.parametrize("kw", [{}, dict(quant=4, quantize_lm_head=True)], ids=["float", "int4-head"])
+def test_a_head_tied_to_the_embedding_equals_one_process(tp, tmp_path, kw):
+    """The release ties lm_head to the embedding (the fixtures do not): the shards of both are one table's rows, and
+    with a quantized head the embedding looks its rows up in the head's shard."""
+    import json
+    import shutil
+
+    tied = tmp_path / "glm-tiny-tied"
+    shutil.copytree(FIXTURES / "glm-tiny", tied)
+    cfg = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    m, one = glm.load(tied, tensor_parallel=2, **kw), glm.load(tied, **kw)
+    assert (m.logits(IDS) - one.logits(IDS)).abs().max().item() <= TOL
+    assert m.generate(IDS, 12, stop_at_eos=False) == one.generate(IDS, 12, stop_at_eos=False)
+
+
 def test_chatglm_tiny_logits_and_chat_goldens(tp):
     g, gt = golden("chatglm-tiny")
     m = tp("chatglm-tiny")
