@@ -31,10 +31,11 @@ RANKS = {
     "glm.generation": 7,  # the package's __init__, which re-exports its modules
     "glm.chat": 8,
     "glm.engine": 9,
-    "glm.finetune": 9,  # the trainer's library part: data, loss, loop
+    "glm.finetune": 9,  # the trainer's library part: data, loss, loop, distributed, part, full
     "glm.options": 10,
     "glm.openai_protocol": 10,  # glm-serve's wire format, apart from the app
     "glm.finetune.cli": 11,
+    "glm.finetune.launch": 11,  # the command line of several processes (torchrun's launcher), part of the cli
     "glm.cli": 11,
     "glm.web": 11,
     "glm.serve": 11,
