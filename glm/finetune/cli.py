@@ -17,7 +17,7 @@ from glm.config import GLMConfig
 from glm.errors import CheckpointError, ConfigError, DataError, DistributedError
 from glm.finetune import launch
 from glm.finetune.data import preprocess_rows, read_rows
-from glm.finetune.distributed import checkpoint_blocks, finish, speaks
+from glm.finetune.distributed import checkpoint_blocks, env_rank, finish, speaks
 from glm.finetune.full import check_full, full_part
 from glm.finetune.loop import TrainConfig, find_checkpoint, train
 from glm.finetune.part import prefix_part
@@ -91,6 +91,13 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # one that comes while an error is reported (on several ranks, every rank gets it)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.pre_seq_len is not None and args.pre_seq_len <= 0:
@@ -112,9 +119,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"glm-finetune: error: {oom_message('training', args)} or smaller --batch-size / lengths",
                   file=sys.stderr)
             return 1
+        if launch.lost_rank(e):  # a collective whose other side went away: that rank says why
+            return 1
         raise
     except KeyboardInterrupt:
-        print("glm-finetune: interrupted; continue with --resume OUTPUT_DIR", file=sys.stderr)
+        if env_rank() == 0:  # every rank gets the Ctrl+C; one says it
+            print("glm-finetune: interrupted; continue with --resume OUTPUT_DIR", file=sys.stderr)
         return 130
     finally:
         finish()  # leave the process group, if one started

@@ -171,7 +171,7 @@ def data_parallel(net: nn.Module, ranks: Ranks) -> nn.Module:
     frozen = [n for n, p in net.named_parameters() if not p.requires_grad] + [n for n, _ in net.named_buffers()]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(net, frozen)
     ids = [ranks.device.index] if ranks.device.type == "cuda" else None
-    return _DDP(net, device_ids=ids, broadcast_buffers=False)
+    return _DDP(net, device_ids=ids)
 
 
 class _DDP(nn.parallel.DistributedDataParallel):

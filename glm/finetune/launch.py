@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import time
 
 from glm.errors import DistributedError
 
@@ -79,22 +80,24 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
     elif "OMP_NUM_THREADS" not in os.environ:  # CPU ranks share the cores (torchrun would give each one thread)
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
     import torch.distributed as dist
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     # torchrun's own log lines (a banner, a report of each failure) repeat what the ranks print in one line.
-    for name in ("torch.distributed.run", "torch.distributed.elastic", "torch.distributed.launcher"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     port = ["--master-addr", "127.0.0.1", "--master-port", str(args.master_port)] if args.master_port else []
     try:
         run(parse_args(["--nproc-per-node", str(n), *port, "-m", "glm.finetune", *argv]))
+    except SignalException:  # Ctrl+C (or a kill): the launcher stopped the ranks, and rank 0 said so
+        return 130
     except ChildFailedError as e:
-        codes = {rank: f.exitcode for rank, f in e.failures.items()}
-        failed = sorted(r for r, c in codes.items() if c > 0)
-        if failed:  # a rank that exits with a code has printed why
-            return codes[failed[0]]
-        rank = min(codes)
-        raise DistributedError(f"rank {rank} was stopped by signal {-codes[rank]} (out of memory?)") from None
+        rank, failure = e.get_first_failure()  # the others were stopped by the launcher after it
+        if failure.exitcode > 0:  # a rank that exits with a code has printed why
+            return failure.exitcode
+        raise DistributedError(f"rank {rank} was killed by signal {-failure.exitcode} (out of memory?)") from None
     except dist.DistNetworkError as e:
         if "EADDRINUSE" in str(e) or "address already in use" in str(e):
             raise DistributedError(f"port {args.master_port} is in use: choose another --master-port, or leave it "
@@ -109,11 +112,16 @@ def join(args: argparse.Namespace, folders: list, input_ids: list[list[int]]):
     fingerprint), and there must be a micro-batch of rows for each rank."""
     import torch
 
-    from glm.finetune.distributed import check_agree, fingerprint, start
+    from glm.finetune.distributed import check_agree, fingerprint, start, torchrun_world
 
     if "RANK" in os.environ and args.nproc_per_node not in (None, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))):
         raise DistributedError(f"--nproc-per-node {args.nproc_per_node} but torchrun started "
                                f"{os.environ.get('LOCAL_WORLD_SIZE')} ranks here: drop --nproc-per-node",
+                               shared=True)
+    per_epoch = math.ceil(len(input_ids) / args.batch_size)
+    if torchrun_world() > per_epoch:  # some ranks would only ever repeat rows of the next epoch
+        raise DistributedError(f"{torchrun_world()} ranks but the data makes only {per_epoch} micro-batch(es) of "
+                               f"--batch-size {args.batch_size}: use --nproc-per-node {per_epoch} or fewer",
                                shared=True)
     compute = args.dtype
     ranks, args.device = start(args.device, args.dist_timeout, need_group=args.full)
@@ -121,11 +129,6 @@ def join(args: argparse.Namespace, folders: list, input_ids: list[list[int]]):
                 "give every rank the same --model (and --resume) files (compared: config.json, file sizes)")
     check_agree(ranks, "the training data", fingerprint(torch.tensor(input_ids).numpy().tobytes()),
                 "give every rank the same --train-file and options")
-    per_epoch = math.ceil(len(input_ids) / args.batch_size)
-    if ranks.world > per_epoch:
-        raise DistributedError(f"{ranks.world} ranks but the data makes only {per_epoch} micro-batch(es) of "
-                               f"--batch-size {args.batch_size}: use --nproc-per-node {per_epoch} or fewer",
-                               shared=True)
     if args.full:
         # Loaded on the CPU as stored (mapped from the file, shared by the ranks); FSDP moves each rank's shards to
         # its device in float32. Compute: bfloat16 on a GPU unless --dtype float32.
@@ -143,6 +146,22 @@ def _stored_dtype(folder) -> str:
     return d if d in ("float32", "float16", "bfloat16") else "float32"
 
 
+def lost_rank(e: BaseException) -> bool:
+    """Whether `e` is a collective that failed because another rank went away (while the group is up), and not
+    a failure of this rank's own. It prints one line unless the launcher stops this rank first (it does at once:
+    the rank that went away is the one whose error or signal tells why)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    if not (isinstance(e, dist.DistError) or any(s in str(e) for s in ("by peer", "gloo", "NCCL"))):
+        return False
+    time.sleep(3)  # torchrun's launcher ends this rank within this, when there is one
+    print(f"glm-finetune: error: {error_prefix()}lost another rank ({str(e).splitlines()[0][:160]}): see its "
+          "error", file=sys.stderr)
+    return True
+
+
 def error_prefix() -> str:
     """`rank N: ` on ranks other than 0, so that a rank's own failure says whose it is."""
     rank = os.environ.get("RANK", "0")
@@ -156,4 +175,4 @@ def quiet_stream():
     return sys.stderr if env_rank() == 0 else open(os.devnull, "w")  # noqa: SIM115 - lives as long as the run
 
 
-__all__ = ["add_args", "check_args", "error_prefix", "join", "launch", "quiet_stream", "wants_launch"]
+__all__ = ["add_args", "check_args", "error_prefix", "join", "launch", "lost_rank", "quiet_stream", "wants_launch"]

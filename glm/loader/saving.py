@@ -27,12 +27,12 @@ def save_checkpoint(model: GLM, folder: str | os.PathLike, tokenizer_folder: Pat
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    state = {}
+    tensors = {}
     for name, t in (model.state_dict() if state is None else state).items():
         if name == "inv_freq" or (cfg.tie_word_embeddings and name == "lm_head.weight" and t.is_floating_point()):
             continue  # a float head tied to the embedding is saved once, as the embedding
-        state[module_to_checkpoint(name)] = t.detach().contiguous().cpu()
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        tensors[module_to_checkpoint(name)] = t.detach().contiguous().cpu()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     d = cfg.to_dict()
     d["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
