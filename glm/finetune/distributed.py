@@ -80,6 +80,8 @@ def start(device: str, timeout_s: float, need_group: bool = False) -> tuple[Rank
     ranks on a machine than it has GPUs.
     """
     world, rank = torchrun_world(), env_rank()
+    if world == 1 and not need_group:
+        return Ranks(), device
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
@@ -91,9 +93,9 @@ def start(device: str, timeout_s: float, need_group: bool = False) -> tuple[Rank
                                        f"machine but it has {torch.cuda.device_count()} GPU(s): one rank a GPU, use "
                                        f"--nproc-per-node {torch.cuda.device_count()} or fewer")
             device = f"cuda:{local}"
-        torch.cuda.set_device(torch.device(device if device != "auto" else "cuda"))
-    if world == 1 and not need_group:
-        return Ranks(), device
+        elif device in ("auto", "cuda"):
+            device = f"cuda:{torch.cuda.current_device()}"
+        torch.cuda.set_device(torch.device(device))
     backend = "nccl" if cuda else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     where = f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', '?')}"

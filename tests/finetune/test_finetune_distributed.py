@@ -165,12 +165,11 @@ def test_full_bfloat16_computes_in_bfloat16_over_float32_master_weights():
 
     ids = [[5, 6, 7, 130001, 130004, 8, 9, 130005]]
     labels = [[-100, -100, -100, -100, 130004, 8, 9, 130005]]
-    ref = glm.load(BASE)
-    ref.model.requires_grad_(True)
-    want = training_loss(ref, ids, labels)
+    m = glm.load(BASE)
+    with torch.no_grad():
+        want = training_loss(m, ids, labels)  # float32
     ranks, _ = start("cpu", 60, need_group=True)
     try:
-        m = glm.load(BASE)
         part = full_part(m, ranks, torch.bfloat16)
         loss = training_loss(part.module, ids, labels)
         loss.backward()
@@ -180,25 +179,28 @@ def test_full_bfloat16_computes_in_bfloat16_over_float32_master_weights():
     assert 0 < abs(loss.item() - want.item()) < 0.05 * want.item()  # bf16 rounding: near, not equal
 
 
-def test_activation_checkpointing_runs_blocks_again_and_changes_no_gradient(chatglm_tiny):
+def test_activation_checkpointing_runs_blocks_again_and_changes_no_gradient():
     from glm.finetune import training_loss
     from glm.finetune.distributed import checkpoint_blocks
 
     ids = [[5, 6, 7, 130001, 130004, 8, 9, 130005]]
     labels = [[-100, -100, -100, -100, 130004, 8, 9, 130005]]
 
-    def grads(m):
-        calls, mlp = [], m.model.layers[0].mlp
-        forward = mlp.forward
-        mlp.forward = lambda x: calls.append(1) or forward(x)  # counts the recomputation too (hooks would not)
-        m.model.requires_grad_(True)
+    m = glm.load(BASE)
+    m.model.requires_grad_(True)
+    calls, mlp = [], m.model.layers[0].mlp
+    forward = mlp.forward
+    mlp.forward = lambda x: calls.append(1) or forward(x)  # counts the recomputation too (hooks would not)
+
+    def grads():
+        calls.clear()
+        m.model.zero_grad(set_to_none=True)
         training_loss(m, ids, labels).backward()
         return {n: p.grad for n, p in m.model.named_parameters()}, len(calls)
 
-    plain, n_plain = grads(glm.load(BASE))
-    m = glm.load(BASE)
+    plain, n_plain = grads()
     checkpoint_blocks(m.model)
-    again, n_again = grads(m)
+    again, n_again = grads()
     assert (n_plain, n_again) == (1, 2)  # the block's forward runs again in the backward pass
     assert all(torch.equal(plain[k], again[k]) for k in plain)
 
@@ -259,3 +261,14 @@ def test_full_refuses_what_it_cannot_train(tmp_path, capsys, extra):
         main([str(a) for a in DATA] + ["--full", *extra, "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "--full" in err[0], err
+
+
+@pytest.mark.gpu
+def test_full_on_cuda_computes_in_bfloat16_and_saves_a_checkpoint_that_loads(tmp_path):
+    args = ["cuda" if a == "cpu" else a for a in FULL]  # NCCL, in a group of one
+    r = finetune(*args, "--gradient-accumulation-steps", 1, "--max-steps", 2, "--gradient-checkpointing",
+                 "--output-dir", tmp_path / "out", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert all(e["peak_memory_gb"] > 0 for e in log_of(tmp_path / "out") if "loss" in e)
+    m = glm.load(tmp_path / "out", device="cuda")
+    assert m.dtype == torch.float32 and torch.isfinite(m.logits([5, 6, 130001, 130004])).all()
