@@ -171,13 +171,14 @@ def data_parallel(net: nn.Module, ranks: Ranks) -> nn.Module:
     if ranks.world == 1:
         return net
     frozen = [n for n, p in net.named_parameters() if not p.requires_grad] + [n for n, _ in net.named_buffers()]
+    # DDP's own way to leave tensors alone; else it would broadcast the whole frozen model from rank 0 at the start.
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(net, frozen)
     ids = [ranks.device.index] if ranks.device.type == "cuda" else None
     return _DDP(net, device_ids=ids)
 
 
 class _DDP(nn.parallel.DistributedDataParallel):
-    """DDP that answers `config` as the model does, so that the loss runs on it as on the bare model."""
+    """DDP that answers `config` as the model does (`device` it has), so that the loss runs on it as on the model."""
 
     @property
     def config(self):

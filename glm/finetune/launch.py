@@ -16,13 +16,15 @@ import time
 
 from glm.errors import DistributedError
 
+FULL_LEARNING_RATE = 1e-4  # the official ds_train_finetune.sh's
+
 
 def add_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("several processes, full fine-tuning")
     g.add_argument("--full", action="store_true",
-                   help="train every weight, with no prefix (the official ds_train_finetune.sh; its learning rate "
-                        "is 1e-4); sharded with FSDP over the ranks; bfloat16 compute on a GPU, float32 master "
-                        "weights and Adam state. Saves a whole checkpoint")
+                   help="train every weight, with no prefix, as the official ds_train_finetune.sh (default learning "
+                        "rate then 1e-4); sharded with FSDP over the ranks; bfloat16 compute on a GPU, float32 "
+                        "master weights and Adam state. Saves a whole checkpoint")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="keep only each block's input for the backward pass (less memory, about 1/3 more compute)")
     g.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
@@ -51,6 +53,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if args.dtype == "float16":
             parser.error("--full computes in bfloat16 or float32 (float16 would need loss scaling): "
                          "use --dtype bfloat16")
+        if args.learning_rate == parser.get_default("learning_rate"):  # P-Tuning's 2e-2 would wreck the weights
+            args.learning_rate = FULL_LEARNING_RATE
 
 
 def wants_launch(args: argparse.Namespace) -> bool:
@@ -125,10 +129,11 @@ def join(args: argparse.Namespace, folders: list, input_ids: list[list[int]]):
                                shared=True)
     compute = args.dtype
     ranks, args.device = start(args.device, args.dist_timeout, need_group=args.full)
-    check_agree(ranks, "the checkpoint", fingerprint(*folders),
-                "give every rank the same --model (and --resume) files (compared: config.json, file sizes)")
-    check_agree(ranks, "the training data", fingerprint(torch.tensor(input_ids).numpy().tobytes()),
-                "give every rank the same --train-file and options")
+    if ranks.world > 1:
+        check_agree(ranks, "the checkpoint", fingerprint(*folders),
+                    "give every rank the same --model (and --resume) files (compared: config.json, file sizes)")
+        check_agree(ranks, "the training data", fingerprint(torch.tensor(input_ids).numpy().tobytes()),
+                    "give every rank the same --train-file and options")
     if args.full:
         # Loaded on the CPU as stored (mapped from the file, shared by the ranks); FSDP moves each rank's shards to
         # its device in float32. Compute: bfloat16 on a GPU unless --dtype float32.

@@ -272,3 +272,17 @@ def test_full_on_cuda_computes_in_bfloat16_and_saves_a_checkpoint_that_loads(tmp
     assert all(e["peak_memory_gb"] > 0 for e in log_of(tmp_path / "out") if "loss" in e)
     m = glm.load(tmp_path / "out", device="cuda")
     assert m.dtype == torch.float32 and torch.isfinite(m.logits([5, 6, 130001, 130004])).all()
+
+
+def test_full_takes_the_official_learning_rate_unless_given():
+    from glm.finetune import launch
+    from glm.finetune.cli import build_parser
+
+    parser = build_parser()
+    for extra, lr in [([], 1e-4), (["--learning-rate", "3e-5"], 3e-5)]:
+        args = parser.parse_args(["--train-file", "t.json", "--output-dir", "o", "--full", *extra])
+        launch.check_args(parser, args)
+        assert args.learning_rate == lr
+    args = parser.parse_args(["--train-file", "t.json", "--output-dir", "o"])
+    launch.check_args(parser, args)
+    assert args.learning_rate == 2e-2  # P-Tuning's
