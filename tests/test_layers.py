@@ -26,6 +26,7 @@ RANKS = {
     "glm.generation.inputs": 4,
     "glm.generation.sampling": 4,
     "glm.generation.request": 5,
+    "glm.generation.grammar": 5,
     "glm.generation.runner": 5,
     "glm.generation.scheduler": 6,
     "glm.generation": 7,  # the package's __init__, which re-exports its modules

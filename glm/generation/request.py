@@ -25,7 +25,8 @@ class TokenLogprob:
 
 @dataclass
 class Result:
-    """How a request ended: `finish_reason` "stop" (`<eop>` or a stop string), "length", "cancelled" or "error"."""
+    """How a request ended: `finish_reason` "stop" (`<eop>`, a stop string, or a complete grammar), "length",
+    "cancelled" or "error"."""
 
     tokens: list[int]
     prompt_tokens: int
@@ -46,12 +47,13 @@ class Request:
     """
 
     def __init__(self, prompt: list[int], config: GenerationConfig, budget: int, *, logits_hook=None, sink=None,
-                 stop_match: StopMatch | None = None, wake: Callable[[], None] | None = None):
+                 stop_match: StopMatch | None = None, wake: Callable[[], None] | None = None, grammar=None):
         self.prompt = prompt
         self.config = config
         self.budget = budget
         self.logits_hook = logits_hook
         self.stop_match = stop_match
+        self.grammar = grammar  # a glm.generation.grammar.Matcher when the tokens are constrained
         self.tokens: list[int] = []
         self.logprobs: list[TokenLogprob] = []  # with config.logprobs: one per token, set before it is handed out
         self.result: Result | None = None
