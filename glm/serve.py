@@ -26,6 +26,7 @@ from glm.openai_protocol import (
     field,
     legacy_logprobs,
     request_settings,
+    tool_call,
 )
 from glm.options import (
     ArgumentParser,
@@ -148,7 +149,7 @@ def create_app(m, name: str, api_key: str | None = None):
                            code="model_not_found", param="model")
         return body
 
-    def submit(ids: list[int], config: GenerationConfig, n: int, chat: bool):
+    def submit(ids: list[int], config: GenerationConfig, n: int, chat: bool, names: dict):
         """Queue n choices of a prompt, whose (choice, event) pairs arrive on an asyncio queue of this loop."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -165,8 +166,8 @@ def create_app(m, name: str, api_key: str | None = None):
                              sink=lambda j, ev: loop.call_soon_threadsafe(arrive, j, ev))
         except QueueFull as e:
             raise APIError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
-        except GenerationError as e:
-            raise config_error(e, {}) from None
+        except GenerationError as e:  # e.g. a schema that cannot be enforced
+            raise config_error(e, names) from None
         metrics.prompt.inc(len(ids))
         return reqs, events
 
@@ -224,23 +225,25 @@ def create_app(m, name: str, api_key: str | None = None):
 
         return await asyncio.to_thread(work)
 
-    async def run(request: Request, prompt_ids: list[int], body: dict, chat: bool, prompt_text: str = ""):
+    async def run(request: Request, prompt_ids: list[int], body: dict, chat: bool, prompt_text: str = "",
+                  call=None):
         config, o = request_settings(body, len(prompt_ids), chat, max_context=m.max_context,
-                                     max_batch=sched.max_batch)
+                                     max_batch=sched.max_batch, call=call)
         stream, n, echo, want_lp = o["stream"], o["n"], o["echo"], config.logprobs is not None
+        post = chat and config.json_schema is None  # JSON is given as generated, not post-processed
         echoed = prompt_text if echo else ""
         head = await prompt_logprobs(prompt_ids, config.logprobs) if echo and want_lp else []
-        reqs, events = submit(prompt_ids, config, n, chat)
+        reqs, events = submit(prompt_ids, config, n, post, o["names"])
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion" if chat else "text_completion"
         decs = [StreamDecoder(m.tokenizer) for _ in range(n)]
-        texts = [SettledText(config.stop, chat=chat) for _ in range(n)]
+        texts = [SettledText(config.stop, chat=post) for _ in range(n)]
         seen = [0] * n  # tokens of each choice received here
         sent = [0] * n  # of them, those whose logprobs have been sent
         offset = [len(echoed)] * n  # legacy text_offset of each choice's next token
 
         def reply_now(j: int) -> str:
-            return process_response(decs[j].current) if chat else decs[j].current
+            return process_response(decs[j].current) if post else decs[j].current
 
         def logprobs_upto(j: int, head_: list = ()):
             """The logprobs of choice j's tokens not yet sent (after `head_`), in the endpoint's shape."""
@@ -256,6 +259,10 @@ def create_app(m, name: str, api_key: str | None = None):
             return {k: out[k] + more[k] for k in out}
 
         def choice(j: int, content: str | None, finish: str | None, delta: bool, lp=None) -> dict:
+            if call is not None:  # arguments of a function call instead of content
+                body_ = call.delta(j, content, texts[j].sent) if delta else call.message(j, content)
+                return {"index": j, ("delta" if delta else "message"): body_, "logprobs": lp,
+                        "finish_reason": finish and call.finish_reason(finish)}
             if chat:
                 body_ = {"role": "assistant", "content": content} if not delta else (
                     {"content": content} if content is not None else {})
@@ -288,7 +295,7 @@ def create_app(m, name: str, api_key: str | None = None):
 
             for j in range(n):
                 if chat:
-                    yield line(envelope([{"index": j, "delta": {"role": "assistant", "content": ""},
+                    yield line(envelope([{"index": j, "delta": {"role": "assistant", "content": None if call else ""},
                                           "finish_reason": None, "logprobs": None}]))
                 elif echo:
                     yield line(envelope([choice(j, echoed, None, True, logprobs_upto(j, head))]))
@@ -321,7 +328,8 @@ def create_app(m, name: str, api_key: str | None = None):
     async def chat_completions(request: Request):
         body = await read_body(request)
         check_fields(body, CHAT_FIELDS, "/v1/chat/completions")
-        return await run(request, m.tokenizer.encode(chat_prompt(body)), body, chat=True)
+        call = tool_call(body)
+        return await run(request, m.tokenizer.encode(chat_prompt(body, call)), body, chat=True, call=call)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -30,8 +30,8 @@ def _llguidance():
     try:
         import llguidance
     except ImportError:
-        raise GenerationError("constrained decoding (json_schema, response_format, tools) needs llguidance: "
-                              "pip install 'glm[serve]'") from None
+        raise GenerationError("json_schema needs llguidance, which is not installed: pip install 'glm[serve]'") \
+            from None
     return llguidance
 
 
@@ -116,7 +116,8 @@ class Matcher:
         self.tail = b""  # the reply's last bytes, for `Vocabulary.forbidden_after`
 
     def advance(self, token: int) -> bool:
-        """Take the sampled `token`; True when the grammar is complete (only the end may follow).
+        """Take the sampled `token`; True when the grammar is complete (only EOS may follow, and the mask
+        allows nothing else: a constrained reply ends with its EOS like any other).
 
         Raises GenerationError if the grammar rejects it (it was masked: a bug, or a grammar llguidance gave up on).
         """

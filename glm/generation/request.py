@@ -25,8 +25,8 @@ class TokenLogprob:
 
 @dataclass
 class Result:
-    """How a request ended: `finish_reason` "stop" (`<eop>`, a stop string, or a complete grammar), "length",
-    "cancelled" or "error"."""
+    """How a request ended: `finish_reason` "stop" (`<eop>`, a stop string, or a grammar completed by the last
+    token the length allowed), "length", "cancelled" or "error"."""
 
     tokens: list[int]
     prompt_tokens: int

@@ -362,11 +362,15 @@ class Sampler:
         scores, bad = fix_invalid_scores(logits)
         n_ok = None
         if allowed is not None:
-            at = torch.tensor(allowed[0], device=logits.device)
-            ok = allowed[1].to(logits.device, non_blocking=True)
-            scores[at] = scores[at].masked_fill(~ok, float("-inf"))
-            n_ok = torch.full((len(rows),), self.vocab_size, dtype=torch.long, device=logits.device)
-            n_ok[at] = ok.sum(-1)
+            at, ok = allowed[0], allowed[1].to(logits.device, non_blocking=True)
+            if len(at) == len(rows):  # every row constrained: no gather and scatter
+                scores = torch.where(ok, scores, float("-inf"))
+                n_ok = ok.sum(-1)
+            else:
+                at = torch.tensor(at, device=logits.device)
+                scores[at] = torch.where(ok, scores[at], float("-inf"))
+                n_ok = torch.full((len(rows),), self.vocab_size, dtype=torch.long, device=logits.device)
+                n_ok[at] = ok.sum(-1)
         for j, i in enumerate(rows):  # OpenAI's logit_bias comes first, as vLLM applies it
             if self.bias[i] is not None:
                 ids, vals = self.bias[i]

@@ -230,10 +230,10 @@ class Scheduler:
             stop = r.stop_match(t) if r.stop_match is not None else None
             if stop is not None:
                 r.ending = "stop"
-            elif r.config.stop_at_eos and t == eos or complete:  # a complete grammar allows only the end
+            elif r.config.stop_at_eos and t == eos:  # a complete grammar allows only this next
                 r.ending = "stop"
             elif len(r.tokens) + 1 >= r.budget:
-                r.ending = "length"
+                r.ending = "stop" if complete else "length"  # no room left for <eop> after complete JSON
             r._emit(t)
             if r.ending is not None:
                 self._free(i, r.ending, stop)
