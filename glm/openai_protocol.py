@@ -89,7 +89,7 @@ def response_schema(body: dict) -> dict | None:
             raise APIError(400, "'response_format.json_schema.schema' must be an object (and 'strict' true or "
                                 "false)", param="response_format")
         return schema
-    raise APIError(400, f"'response_format.type' must be text, json_object or json_schema, got "
+    raise APIError(400, f"'response_format' must have a type of text, json_object or json_schema, got "
                         f"{json.dumps(fmt.get('type'))[:40]}", param="response_format")
 
 
@@ -160,8 +160,8 @@ def tool_call(body: dict) -> ToolCall | None:
         f = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
         if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"] \
                 or not isinstance(f.get("parameters", {}), (dict, type(None))):
-            raise APIError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\", "
-                                "\"parameters\"}}}", param="tools")
+            raise APIError(400, f"'tools'[{i}] must be a function: " + '{"type": "function", "function": '
+                                '{"name": ..., "parameters": {...}}}', param="tools")
         functions[f["name"]] = f
     if choice == "none":
         return None
