@@ -288,6 +288,8 @@ def test_response_format(server, chatglm_tiny):
     assert json.loads(text)["label"] in ("a", "b") and r.choices[0].finish_reason == "stop"
     assert text == engine_json(m, "你好", POINT, seed=5)  # not post-processed: as generated
     assert streamed(c, max_tokens=40, seed=5, response_format=fmt) == (text, [], "stop")
+    two = chat(c, max_tokens=40, seed=5, n=2, response_format=fmt).choices  # a grammar state per choice
+    assert two[0].message.content == text and json.loads(two[1].message.content)["x"] in range(100)
     obj = chat(c, max_tokens=40, seed=5, response_format={"type": "json_object"})
     assert obj.choices[0].message.content == engine_json(m, "你好", {"type": "object"}, seed=5)
     raw = c.completions.create(model=NAME, prompt="hi", max_tokens=40, seed=5, extra_body={"response_format": fmt})

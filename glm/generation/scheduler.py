@@ -230,7 +230,7 @@ class Scheduler:
             stop = r.stop_match(t) if r.stop_match is not None else None
             if stop is not None:
                 r.ending = "stop"
-            elif r.config.stop_at_eos and t == eos:  # a complete grammar allows only this next
+            elif r.config.stop_at_eos and t == eos:  # (once its JSON is complete, the only token a grammar allows)
                 r.ending = "stop"
             elif len(r.tokens) + 1 >= r.budget:
                 r.ending = "stop" if complete else "length"  # no room left for <eop> after complete JSON

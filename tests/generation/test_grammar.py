@@ -6,9 +6,8 @@ import json
 import re
 
 import pytest
-from glm_testutil import FIXTURES
 
-import glm
+from glm.engine import ChatGLM
 from glm.errors import GenerationError
 from glm.generation import GenerationConfig
 
@@ -64,8 +63,9 @@ MAX_NEW = 40
 
 
 @pytest.fixture(scope="module")
-def pool():
-    return glm.load(FIXTURES / "chatglm-tiny", max_batch=8)
+def pool(chatglm_tiny):
+    """chatglm-tiny's weights with 8 cache rows."""
+    return ChatGLM(chatglm_tiny.model, chatglm_tiny.tokenizer, chatglm_tiny.path, max_batch=8)
 
 
 def sampled(schema, seed, **kw) -> GenerationConfig:
