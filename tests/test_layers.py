@@ -30,6 +30,7 @@ RANKS = {
     "glm.generation.sampling": 4,
     "glm.generation.adapters": 4,
     "glm.generation.request": 5,
+    "glm.generation.grammar": 5,
     "glm.generation.runner": 5,
     "glm.generation.scheduler": 6,
     "glm.generation": 7,  # the package's __init__, which re-exports its modules
