@@ -14,7 +14,8 @@ def rotary_inv_freq(head_dim: int, base: float = 10000.0) -> Tensor:
     even when the model runs in fp32.
     """
     d = head_dim // 2
-    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    # On the CPU whatever the default device: arange on the meta device imports torch._dynamo (seconds).
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d))
     return inv.half().float()  # fp16-rounded, as the reference's buffer
 
 

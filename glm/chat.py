@@ -109,26 +109,32 @@ def _tokenizer(engine):
     return engine.tokenizer
 
 
+def reply_text(config: GenerationConfig):
+    """The function from a chat reply's decoded text to what the reader gets: `process_response`, except for a
+    reply under a JSON schema, which is given as generated (full-width punctuation would change its strings)."""
+    return process_response if config.json_schema is None else str
+
+
 def submit_turn(engine, query: str, history: History, config: GenerationConfig,
                 adapter: str | None = None) -> Request:
     """Queue the reply to `query` after `history` (the official prompt template), with `adapter` if given."""
     if not isinstance(query, str):
         raise GenerationError(f"query must be a string, got {type(query).__name__}")
     return engine.submit(_tokenizer(engine).encode(build_prompt(query, history)), config,
-                         postprocess=process_response, adapter=adapter)
+                         postprocess=reply_text(config), adapter=adapter)
 
 
 def replies(engine, request: Request) -> Iterator[tuple[str, bool]]:
-    """`(process_response(decoded reply so far), is_last)` after every token of a chat request.
+    """`(reply_text(decoded reply so far), is_last)` after every token of a chat request.
 
     Closing the iterator early cancels the request, so its cache row is free for the next one at once.
     """
-    dec = StreamDecoder(engine.tokenizer)
+    dec, text = StreamDecoder(engine.tokenizer), reply_text(request.config)
     try:
         for n, t in enumerate(request, 1):
             dec.put(t)
             # The scheduler may be tokens ahead of this reader: the last token is known by count, not by `ending`.
-            yield process_response(dec.current), request.is_last(n)
+            yield text(dec.current), request.is_last(n)
     finally:
         request.cancel()
     if request.result is not None and request.result.nan:

@@ -108,6 +108,8 @@ class ChatGLM:
         self.scheduler = Scheduler(model, max_batch=max_batch, max_context=max_context, compile=compile,
                                    max_waiting=max_waiting, **({"runner": runner} if runner else {}))
         self._logprobs_lock = threading.Lock()  # prompt_logprobs: one (len, vocab) logits tensor at a time
+        self._vocab = None  # the vocabulary as the grammar engine reads it, built at the first json_schema
+        self._vocab_lock = threading.Lock()
 
     @property
     def config(self):
@@ -215,15 +217,31 @@ class ChatGLM:
         With `n`, a list of n choices that share one prefill and then decode as rows of their own (choice j
         samples with seed `seed + j`); `sink` is then called as `sink(j, event)`. Stop strings are matched on
         `postprocess(text)` when given (a chat reply's `process_response`: what the reader gets). `adapter`: the
-        name of an adapter added with `add_adapter` (None: the base model).
+        name of an adapter added with `add_adapter` (None: the base model). With `config.json_schema` the reply is
+        JSON valid against it (see glm.generation.grammar).
         Raises GenerationError for a bad prompt, setting or adapter, and QueueFull when `max_waiting` requests wait.
         """
         aid = self.scheduler.runner.adapters.id(adapter)
-        stop_match = None
+        stop_match = grammar = None
         if isinstance(config, GenerationConfig) and config.stop and self.tokenizer is not None:
             stop_match = functools.partial(StopMatcher, self.tokenizer, config.stop, postprocess)
+        if isinstance(config, GenerationConfig) and config.json_schema is not None and self.tokenizer is not None:
+            grammar = self._grammar(config.json_schema)
         return self.scheduler.submit(input_ids, config, logits_hook=logits_hook, sink=sink, stop_match=stop_match,
-                                     n=n, adapter=aid)
+                                     n=n, adapter=aid, grammar=grammar)
+
+    def _grammar(self, schema: dict):
+        """A factory of matchers of `schema` (GenerationError if it cannot be enforced); the vocabulary's bytes
+        are handed to llguidance once per model, at the first constrained request."""
+        from glm.generation.grammar import Matcher, Vocabulary
+        from glm.tokenizer import REWRITTEN
+
+        with self._vocab_lock:
+            if self._vocab is None:
+                tok = self.tokenizer
+                self._vocab = Vocabulary(tok.token_bytes(self.config.vocab_size), tok.encode_bytes, tok.eos_id,
+                                         REWRITTEN)
+        return functools.partial(Matcher, self._vocab, self._vocab.compile_json(schema))
 
     def generate_stream(self, input_ids, max_new_tokens: int | None = None, *, logits_hook=None,
                         adapter: str | None = None, **settings) -> Iterator[int]:

@@ -45,9 +45,20 @@ class DataError(ValueError):
     """Training data the preprocessing cannot use; the message is one line that says what to do."""
 
 
+class DistributedError(RuntimeError):
+    """Ranks that cannot start or cannot agree (training on several processes); one line that says what to do.
+
+    `shared`: every rank raises the same error (rank 0 reports it for all), not a failure of this rank alone.
+    """
+
+    def __init__(self, msg: str, shared: bool = False):
+        super().__init__(one_line(msg))
+        self.shared = shared
+
+
 class CLIError(Exception):
     """A problem an entry point reports as one line (`glm-chat: error: ...`), never as a traceback."""
 
 
-__all__ = ["CLIError", "CheckpointError", "ConfigError", "DataError", "GenerationError", "ParallelError", "QueueFull",
-           "one_line"]
+__all__ = ["CLIError", "CheckpointError", "ConfigError", "DataError", "DistributedError", "GenerationError",
+           "ParallelError", "QueueFull", "one_line"]

@@ -122,7 +122,7 @@ class GLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.pre_seq_len:
             self.prefix_encoder = PrefixEncoder(cfg)
-        self.register_buffer("inv_freq", rotary_inv_freq(cfg.head_dim), persistent=False)
+        self.register_buffer("inv_freq", rotary_inv_freq(cfg.head_dim).to(torch.get_default_device()), persistent=False)
 
     def init_buffers(self, device: torch.device | str) -> None:
         """(Re)build the non-persistent buffers, e.g. after meta-device construction and assign-loading."""

@@ -5,6 +5,7 @@ chat template from messages, and the shapes of logprobs. Pure functions of JSON 
 from __future__ import annotations
 
 import json
+import uuid
 
 from glm.chat import build_prompt
 from glm.errors import GenerationError
@@ -25,8 +26,9 @@ _COMMON = {"model", "stream", "stream_options", "max_tokens", "temperature", "to
            "seed", "stop", "n", "presence_penalty", "frequency_penalty", "logit_bias", "min_p", "ignore_eos",
            "logprobs", "user", "metadata", "store", "service_tier"}
 CHAT_FIELDS = frozenset(_COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format",
-                                   "parallel_tool_calls"})
-COMPLETION_FIELDS = frozenset(_COMMON | {"prompt", "echo"})
+                                   "tools", "tool_choice", "parallel_tool_calls"})
+COMPLETION_FIELDS = frozenset(_COMMON | {"prompt", "echo", "response_format"})
+MAX_TOOLS = 128  # functions per request (OpenAI's limit)
 
 
 class APIError(Exception):
@@ -76,43 +78,205 @@ def check_fields(body: dict, allowed: frozenset, endpoint: str) -> None:
             raise APIError(400, "'best_of' is not supported: send n for several choices", param=key)
         raise APIError(400, f"'{key}' is not supported by {endpoint} on this server (see docs/serve.md for "
                             "the fields it implements)", param=key)
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise APIError(400, "'response_format' is not supported: only {\"type\": \"text\"}",
-                       param="response_format")
 
 
-def chat_prompt(body: dict) -> str:
-    """The official template from OpenAI messages (see docs/serve.md for what a system message does)."""
+def response_schema(body: dict) -> dict | None:
+    """The JSON Schema of `response_format` (json_object: any object; text: none), or an APIError."""
+    fmt = field(body, "response_format", dict, what='an object such as {"type": "json_object"}')
+    if fmt is None or fmt.get("type") == "text":
+        return None
+    if fmt.get("type") == "json_object":
+        return {"type": "object"}
+    if fmt.get("type") == "json_schema":
+        spec = field(fmt, "json_schema", dict, what="an object with name and schema")
+        if spec is None or not isinstance(spec.get("name"), str):
+            raise APIError(400, "'response_format.json_schema' must be an object with a 'name' (and a 'schema')",
+                           param="response_format")
+        schema = spec.get("schema", {})  # none: any JSON value
+        if not isinstance(schema, dict) or not isinstance(spec.get("strict", False), (bool, type(None))):
+            raise APIError(400, "'response_format.json_schema.schema' must be an object (and 'strict' true or "
+                                "false)", param="response_format")
+        return schema
+    raise APIError(400, f"'response_format' must have a type of text, json_object or json_schema, got "
+                        f"{json.dumps(fmt.get('type'))[:40]}", param="response_format")
+
+
+# ---------------------------------------------------------------------------------------------------- tools
+
+
+class ToolCall:
+    """A reply generated as a call of a function (`tool_choice` naming one, or "required"), in OpenAI's shapes.
+
+    One function: the reply is its arguments, under its `parameters` schema. Several ("required"): the reply is
+    `{"name": ..., "arguments": {...}}` under a schema allowing each function's name with its parameters.
+    """
+
+    def __init__(self, functions: dict[str, dict], names: list[str]):
+        self.functions, self.names, self.rid = functions, names, uuid.uuid4().hex[:24]
+        self.started: set[int] = set()  # choices whose call has been opened in a stream
+
+    @property
+    def schema(self) -> dict:
+        def params(name):
+            return self.functions[name].get("parameters") or {"type": "object", "properties": {}}
+
+        if len(self.names) == 1:
+            return params(self.names[0])
+        return {"anyOf": [{"type": "object", "properties": {"name": {"const": n}, "arguments": params(n)},
+                           "required": ["name", "arguments"], "additionalProperties": False} for n in self.names]}
+
+    def call(self, j: int, text: str) -> dict:
+        """Choice j's call, from its whole reply (cut short by the length limit, the JSON may be incomplete)."""
+        name, args = self.names[0], text
+        if len(self.names) > 1:
+            try:
+                obj = json.loads(text)
+                name, args = obj["name"], json.dumps(obj["arguments"], ensure_ascii=False, separators=(",", ":"))
+            except (ValueError, KeyError, TypeError):
+                name = ""
+        return {"id": f"call_{self.rid}_{j}", "type": "function", "function": {"name": name, "arguments": args}}
+
+    def message(self, j: int, text: str) -> dict:
+        return {"role": "assistant", "content": None, "tool_calls": [self.call(j, text)]}
+
+    def delta(self, j: int, text: str | None, whole: str) -> dict:
+        """A stream's delta: one function's arguments as they come; several's whole call at the end (`whole`
+        is the reply so far, `text` the new part, None at the end)."""
+        if j in self.started:
+            return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}
+        if len(self.names) > 1 and text is not None:  # the name is known once the whole call is
+            return {}
+        self.started.add(j)
+        return {"tool_calls": [{"index": 0, **self.call(j, whole if text is None else text)}]}
+
+    @staticmethod
+    def finish_reason(reason: str) -> str:
+        return "tool_calls" if reason == "stop" else reason
+
+
+def tool_call(body: dict) -> ToolCall | None:
+    """The call `tools` and `tool_choice` ask for (None: a plain reply), or an APIError saying what works."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None:
+        if choice not in (None, "none"):
+            raise APIError(400, "'tool_choice' needs 'tools'", param="tool_choice")
+        return None
+    if not isinstance(tools, list) or not 1 <= len(tools) <= MAX_TOOLS:
+        raise APIError(400, f"'tools' must be a list of 1 to {MAX_TOOLS} functions", param="tools")
+    functions = {}
+    for i, t in enumerate(tools):
+        f = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"] \
+                or not isinstance(f.get("parameters", {}), (dict, type(None))):
+            raise APIError(400, f"'tools'[{i}] must be a function: " + '{"type": "function", "function": '
+                                '{"name": ..., "parameters": {...}}}', param="tools")
+        functions[f["name"]] = f
+    if choice == "none":
+        return None
+    if choice == "required":
+        return ToolCall(functions, list(functions))
+    named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(named, str):
+        if named not in functions:
+            raise APIError(400, f"'tool_choice' names the function {json.dumps(named)[:60]}, which is not in "
+                                "'tools'", param="tool_choice")
+        return ToolCall(functions, [named])
+    got = json.dumps("auto" if choice is None else choice)[:60]
+    raise APIError(400, f"'tool_choice' {got} is not supported: ChatGLM-6B has no tool-call format, so it cannot "
+                        "decide when to call a function. Send tool_choice \"required\" or {\"type\": \"function\", "
+                        "\"function\": {\"name\": ...}} (the arguments are then generated under the function's "
+                        "parameters schema), or \"none\"", param="tool_choice")
+
+
+def _tools_text(call: ToolCall) -> str:
+    """What the last message is preceded by when a call is forced: the functions, and what to answer."""
+    lines = []
+    for n in call.names:
+        f = call.functions[n]
+        params = json.dumps(f.get("parameters") or {}, ensure_ascii=False, separators=(",", ":"))
+        desc = f" {f['description']}" if isinstance(f.get("description"), str) and f["description"] else ""
+        lines.append(f"Function {n}:{desc} Parameters: {params}")
+    what = (f"the arguments of {call.names[0]}" if len(call.names) == 1 else
+            'a function call {"name": ..., "arguments": {...}}')
+    return "\n".join(lines + [f"Answer with {what} as JSON."])
+
+
+def _content(msg: dict, i: int) -> str:
+    content = msg.get("content")
+    if isinstance(content, list):  # content parts: only text is understood
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise APIError(400, f"messages[{i}]: only text content parts are supported", param="messages")
+        content = "".join(p["text"] for p in content)
+    if content is None and msg.get("role") == "assistant" and msg.get("tool_calls"):
+        return ""
+    if not isinstance(content, str):
+        raise APIError(400, f"messages[{i}].content must be a string", param="messages")
+    return content
+
+
+def _calls_text(msg: dict, i: int, called: dict) -> list[str]:
+    """An assistant's tool_calls as text, one `{"name": ..., "arguments": {...}}` line each; notes their ids."""
+    calls = msg.get("tool_calls") or []
+    out = []
+    for c in calls if isinstance(calls, list) else [None]:
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(f.get("arguments"), str):
+            raise APIError(400, f"messages[{i}].tool_calls must be a list of {{id, type, function: {{name, "
+                                "arguments}}}", param="messages")
+        called[c.get("id")] = f["name"]
+        try:
+            args = json.loads(f["arguments"])
+        except ValueError:
+            args = f["arguments"]
+        out.append(json.dumps({"name": f["name"], "arguments": args}, ensure_ascii=False, separators=(",", ":")))
+    return out
+
+
+def chat_prompt(body: dict, call: ToolCall | None = None) -> str:
+    """The official template from OpenAI messages (see docs/serve.md for what system messages, tool calls and
+    tool results become)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
-    system, turns = [], []
+    system, turns, called = [], [], {}
     for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or msg.get("role") not in ("system", "developer", "user", "assistant"):
-            raise APIError(400, f"messages[{i}] must be an object with a role of system, developer, user or "
-                                "assistant", param="messages")
-        content = msg.get("content")
-        if isinstance(content, list):  # content parts: only text is understood
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise APIError(400, f"messages[{i}]: only text content parts are supported", param="messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise APIError(400, f"messages[{i}].content must be a string", param="messages")
-        if msg["role"] in ("system", "developer"):  # OpenAI's newer name of the system role
+        role = msg.get("role") if isinstance(msg, dict) else None
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise APIError(400, f"messages[{i}] must be an object with a role of system, developer, user, "
+                                "assistant or tool", param="messages")
+        content = _content(msg, i)
+        if role in ("system", "developer"):  # OpenAI's newer name of the system role
             if turns:
                 raise APIError(400, "system messages must come first", param="messages")
             system.append(content)
+        elif role == "tool":  # a function's result: said by the user's side, joined to the turn it follows
+            name = called.get(msg.get("tool_call_id"))
+            if name is None:
+                raise APIError(400, f"messages[{i}]: a tool message's tool_call_id must be the id of an earlier "
+                                    "assistant tool call", param="messages")
+            text = f"Result of {name}: {content}"
+            if turns and turns[-1][0] == "tool":
+                turns[-1] = ("tool", turns[-1][1] + "\n" + text)
+            else:
+                turns.append(("tool", text))
         else:
-            turns.append((msg["role"], content))
+            if role == "assistant":
+                content = "\n".join([content] * bool(content) + _calls_text(msg, i, called))
+            if role == "user" and turns and turns[-1][0] == "tool":  # a question after the results: one turn
+                turns[-1] = ("user", turns[-1][1] + "\n" + content)
+            else:
+                turns.append((role, content))
+    turns = [("user" if r == "tool" else r, c) for r, c in turns]
     roles = [r for r, _ in turns]
     if not roles or roles != ["user", "assistant"] * (len(roles) // 2) + ["user"]:
-        raise APIError(400, "messages must alternate user and assistant turns (after any system message) and "
-                            "end with a user message", param="messages")
+        raise APIError(400, "messages must alternate user (or tool results) and assistant turns (after any system "
+                            "message) and end with a user message or tool results", param="messages")
     texts = [c for _, c in turns]
     if system:  # ChatGLM-6B has no system role: the system text opens the first user message
         texts[0] = "\n".join(system + [texts[0]])
+    if call is not None:  # no tool format either: the functions and the answer asked for precede the last turn
+        texts[-1] = _tools_text(call) + "\n" + texts[-1]
     history = list(zip(texts[0:-1:2], texts[1:-1:2]))
     return build_prompt(texts[-1], history)
 
@@ -173,9 +337,10 @@ def legacy_logprobs(entries: list, offset: int, token_text) -> tuple[dict, int]:
 
 
 def request_settings(body: dict, prompt_len: int, chat: bool, *, max_context: int, max_batch: int,
-                     prompts: int = 1) -> tuple[GenerationConfig, dict]:
+                     prompts: int = 1, call: ToolCall | None = None) -> tuple[GenerationConfig, dict]:
     """(config, options) of a request (of one of its `prompts`), or an APIError; options: stream, include_usage, n,
-    echo.
+    echo. With `call`, the reply is generated under the call's schema, as with `response_format` (both at once are
+    refused).
 
     Here the fields' JSON types are checked; their values are GenerationConfig's to judge, whose message is the
     error (naming the field as the client sent it). Fields left out take the official chat's values
@@ -226,6 +391,18 @@ def request_settings(body: dict, prompt_len: int, chat: bool, *, max_context: in
     if isinstance(stop, list) and len(stop) > MAX_STOP:
         raise APIError(400, f"'stop' may hold up to {MAX_STOP} strings, got {len(stop)}", param="stop")
     ignore_eos = field(body, "ignore_eos", bool, False, what="true or false")  # ours: fixed-length replies
+    schema = response_schema(body)
+    if call is not None:
+        if schema is not None:
+            raise APIError(400, "'response_format' applies to a reply's content, and a forced tool call has none: "
+                                "send one of them", param="response_format")
+        schema = call.schema
+    if schema is not None:
+        given["json_schema"] = schema
+        names["json_schema"] = "tools" if call is not None else "response_format"
+        if ignore_eos:
+            raise APIError(400, "'ignore_eos' cannot be combined with a JSON reply, which ends where its JSON "
+                                "does", param="ignore_eos")
     stream = field(body, "stream", bool, False, what="true or false")
     opts = field(body, "stream_options", dict, {}, what="an object")
     usage = field(opts, "include_usage", bool, False, what="true or false")
@@ -248,4 +425,4 @@ def request_settings(body: dict, prompt_len: int, chat: bool, *, max_context: in
         raise APIError(400, f"the prompt ({prompt_len} tokens) plus {length_key} ({max_tokens}) is over the "
                             f"context of {limit} tokens by {over}: shorten the prompt or lower {length_key}",
                        param=length_key, code="context_length")
-    return config, {"stream": stream, "include_usage": usage, "n": n, "echo": echo}
+    return config, {"stream": stream, "include_usage": usage, "n": n, "echo": echo, "names": names}

@@ -8,12 +8,14 @@ FastAPI, uvicorn and prometheus_client are imported only here.
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import sys
 import time
 import uuid
 
+from glm.cluster import add_cluster_args, check_cluster_args
 from glm.http_guard import HTTPGuard, Refused, add_args
 from glm.openai_protocol import (
     CHAT_FIELDS,
@@ -28,6 +30,7 @@ from glm.openai_protocol import (
     field,
     legacy_logprobs,
     request_settings,
+    tool_call,
 )
 from glm.options import (
     ArgumentParser,
@@ -37,6 +40,7 @@ from glm.options import (
     check_adapters,
     check_model_args,
     count_type,
+    load_from_args,
     model_name,
     prepare_server,
 )
@@ -67,6 +71,7 @@ def build_parser(prog: str = "glm-serve") -> ArgumentParser:
     add_args(p)
     add_adapter_args(g)
     add_model_args(p)
+    add_cluster_args(p)
     return p
 
 
@@ -141,10 +146,11 @@ def create_app(m, name: str, api_key: str | None = None, guard: HTTPGuard | None
         check_model(model, [name, *m.adapters])
         return body
 
-    def submit(prompts: list[list[int]], configs: list[GenerationConfig], n: int, chat: bool,
-               adapter: str | None):
+    def submit(prompts: list[list[int]], configs: list[GenerationConfig], n: int, post: bool,
+               adapter: str | None, names: dict):
         """Queue n choices of each prompt, whose (choice, event) pairs arrive on an asyncio queue of this loop;
-        choice j of prompt i is choice i * n + j (OpenAI's and vLLM's index)."""
+        choice j of prompt i is choice i * n + j (OpenAI's and vLLM's index). `post`: a chat reply's text, which
+        stop strings match as the client gets it."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         reqs: list = []
@@ -157,14 +163,14 @@ def create_app(m, name: str, api_key: str | None = None, guard: HTTPGuard | None
         try:
             for i, (ids, config) in enumerate(zip(prompts, configs)):
                 # A chat's stop strings match the reply as the client gets it (process_response's text).
-                reqs += m.submit(ids, config, n=n, postprocess=process_response if chat else None,
+                reqs += m.submit(ids, config, n=n, postprocess=process_response if post else None,
                                  adapter=adapter,
                                  sink=lambda j, ev, i=i: loop.call_soon_threadsafe(arrive, i * n + j, ev))
         except (QueueFull, GenerationError) as e:
             for r in reqs:
                 r.cancel()  # the prompts queued before this one
-            if not isinstance(e, QueueFull):
-                raise config_error(e, {}) from None
+            if not isinstance(e, QueueFull):  # e.g. a schema that cannot be enforced
+                raise config_error(e, names) from None
             raise APIError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
         metrics.prompt.inc(sum(map(len, prompts)))
         return reqs, events
@@ -212,29 +218,32 @@ def create_app(m, name: str, api_key: str | None = None, guard: HTTPGuard | None
     def token_text(i: int) -> str:
         return m.tokenizer.decode([i])
 
-    async def run(request: Request, prompts: list[list[int]], body: dict, chat: bool, prompt_texts=()):
+    async def run(request: Request, prompts: list[list[int]], body: dict, chat: bool, prompt_texts=(),
+                  call=None):
         """The reply to a chat (one prompt) or a completions request (prompts with their texts, for echo)."""
         settings = [request_settings(body, len(p), chat, max_context=m.max_context, max_batch=sched.max_batch,
-                                     prompts=len(prompts)) for p in prompts]  # max_tokens' default: per prompt
+                                     prompts=len(prompts), call=call)
+                    for p in prompts]  # max_tokens' default: per prompt
         config, o = settings[0]
         stream, n, echo, want_lp = o["stream"], o["n"], o["echo"], config.logprobs is not None
+        post = chat and config.json_schema is None  # JSON is given as generated, not post-processed
         adapter = None if body["model"] == name else body["model"]  # the base model's name: no adapter
         N = len(prompts) * n  # choices; choice j answers prompt j // n
         echoed = [prompt_texts[j // n] if echo else "" for j in range(N)]
         # The prompts' own entries under echo: one uncached forward each, off the loop.
         heads = [await asyncio.to_thread(m.prompt_logprobs, p, config.logprobs, adapter=adapter)
                  if echo and want_lp else [] for p in prompts]
-        reqs, events = submit(prompts, [c for c, _ in settings], n, chat, adapter)
+        reqs, events = submit(prompts, [c for c, _ in settings], n, post, adapter, o["names"])
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion" if chat else "text_completion"
         decs = [StreamDecoder(m.tokenizer) for _ in range(N)]
-        texts = [SettledText(config.stop, chat=chat) for _ in range(N)]
+        texts = [SettledText(config.stop, chat=post) for _ in range(N)]
         seen = [0] * N  # tokens of each choice received here
         sent = [0] * N  # of them, those whose logprobs have been sent
         offset = [len(e) for e in echoed]  # legacy text_offset of each choice's next token
 
         def reply_now(j: int) -> str:
-            return process_response(decs[j].current) if chat else decs[j].current
+            return process_response(decs[j].current) if post else decs[j].current
 
         def logprobs_upto(j: int, head_: list = ()):
             """The logprobs of choice j's tokens not yet sent (after `head_`), in the endpoint's shape."""
@@ -250,6 +259,10 @@ def create_app(m, name: str, api_key: str | None = None, guard: HTTPGuard | None
             return {k: out[k] + more[k] for k in out}
 
         def choice(j: int, content: str | None, finish: str | None, delta: bool, lp=None) -> dict:
+            if call is not None:  # arguments of a function call instead of content
+                body_ = call.delta(j, content, texts[j].sent) if delta else call.message(j, content)
+                return {"index": j, ("delta" if delta else "message"): body_, "logprobs": lp,
+                        "finish_reason": finish and call.finish_reason(finish)}
             if chat:
                 body_ = {"role": "assistant", "content": content} if not delta else (
                     {"content": content} if content is not None else {})
@@ -282,7 +295,7 @@ def create_app(m, name: str, api_key: str | None = None, guard: HTTPGuard | None
 
             for j in range(N):
                 if chat:
-                    yield line(envelope([{"index": j, "delta": {"role": "assistant", "content": ""},
+                    yield line(envelope([{"index": j, "delta": {"role": "assistant", "content": None if call else ""},
                                           "finish_reason": None, "logprobs": None}]))
                 elif echo:
                     yield line(envelope([choice(j, echoed[j], None, True, logprobs_upto(j, heads[j // n]))]))
@@ -315,8 +328,9 @@ def create_app(m, name: str, api_key: str | None = None, guard: HTTPGuard | None
     async def chat_completions(request: Request):
         body = await read_body(request)
         check_fields(body, CHAT_FIELDS, "/v1/chat/completions")
-        ids = await asyncio.to_thread(m.tokenizer.encode, chat_prompt(body))  # off the loop: it may be long
-        return await run(request, [ids], body, chat=True)
+        call = tool_call(body)
+        ids = await asyncio.to_thread(m.tokenizer.encode, chat_prompt(body, call))  # off the loop: it may be long
+        return await run(request, [ids], body, chat=True, call=call)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -357,13 +371,25 @@ def create_app(m, name: str, api_key: str | None = None, guard: HTTPGuard | None
     return app
 
 
+def replica_app(args: argparse.Namespace, guard: HTTPGuard):
+    """The app of one replica on Ray Serve, in the replica's process (`guard`: made where glm-serve started, which
+    has the key's file or environment)."""
+    m = load_from_args(args, max_batch=args.max_batch, max_waiting=args.max_waiting)
+    return create_app(m, served_name(args), guard=guard)
+
+
 def main(argv: list[str] | None = None, prog: str = "glm-serve") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     check_model_args(parser, args)
     check_adapters(parser, args, served_name(args))
+    check_cluster_args(parser, args)
     try:
         guard = HTTPGuard.from_args(args)
+        if args.replicas or args.autoscale:  # the same app, built in each replica (glm.cluster)
+            from glm.cluster import serve_replicas
+
+            return serve_replicas(args, functools.partial(replica_app, guard=guard), prog)
         m = prepare_server(args, ("fastapi", "uvicorn", "prometheus_client"), "pip install 'glm[serve]'")
     except CLIError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

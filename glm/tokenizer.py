@@ -69,6 +69,10 @@ class Tokenizer:
             raise CheckpointError(f"{path} is not a sentencepiece model: {fix}")
         self.bos_id, self.eos_id, self.mask_id, self.gmask_id, self.pad_id = bos_id, eos_id, mask_id, gmask_id, pad_id
         self.n_pieces = self.sp.vocab_size()
+        self.newline_id = self.sp.PieceToId("<n>")
+        self._bytes: list[bytes] | None = None  # token_bytes(), built on first use
+        self._longest: dict[bytes, int] | None = None  # encode_bytes' fallback
+        self._top = 0
         if vocab_size is not None and self.n_pieces > vocab_size:
             raise CheckpointError(f"{path} has {self.n_pieces} pieces but config.json's vocab_size is {vocab_size}: "
                                   f"they come from different checkpoints; {fix}")
@@ -100,9 +104,69 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.n_pieces
 
+    def token_bytes(self, n_vocab: int | None = None) -> list[bytes]:
+        """The bytes each id adds to the decoded text (UTF-8), for grammar engines; `n_vocab`: the model's rows.
+
+        `▁` is a space, `<n>`, `<|tab|>` and `<|blank_N|>` their whitespace, byte pieces their byte. Ids that add
+        no text of their own are `b"\\xff"` (a byte UTF-8 never uses: the grammar engines' special-token marker)
+        and their piece name: control pieces, `<unk>` (decoded as a " ⁇ " placeholder, never wanted), byte pieces
+        that no UTF-8 text holds (0xC0, 0xC1, 0xF5..0xFF: decoded as U+FFFD) and rows past the piece table.
+        Joined, the bytes of ids are their decoded text, except where pieces spell out a whitespace piece's name
+        (`<` then `n>`), which decoding rewrites (see `REWRITTEN`), and for the dropped leading space of a text.
+        """
+        if self._bytes is None:
+            sp, out = self.sp, []
+            for i in range(self.n_pieces):
+                piece = sp.IdToPiece(i)
+                if sp.IsByte(i):
+                    b = int(piece[3:5], 16)
+                    out.append(bytes([b]) if b < 0xC0 or 0xC2 <= b < 0xF5 else b"\xff" + piece.encode())
+                elif sp.IsControl(i) or sp.IsUnknown(i):
+                    out.append(b"\xff" + piece.encode())
+                else:  # only ChatGLM's whitespace pieces change in post-processing ("<" is a cheap test)
+                    text = piece.replace("\u2581", " ")
+                    out.append((_postprocess(text) if "<" in text else text).encode())
+            self._bytes = out
+        return self._bytes + [b"\xff<unused_%d>" % i for i in range(self.n_pieces, n_vocab or 0)]
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        """Ids whose `token_bytes` join to exactly `data`, as a grammar engine needs when it tokenizes the text it
+        forces (its masks then follow that segmentation): the tokenizer's own where it keeps every byte, else
+        longest match (text the normaliser folds, such as `ＡＢＣ`, or a literal `<n>`)."""
+        table = self.token_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = ""
+        if text:
+            # A newline on both ends: sentencepiece's dummy-prefix space and its trimming of a trailing space land
+            # on the newline piece (`<n>`, user-defined, so segmented alone), which is cut off again.
+            ids = self.sp.EncodeAsIds(_preprocess("\n" + text + "\n"))
+            first, last = ids.index(self.newline_id), len(ids) - 1 - ids[::-1].index(self.newline_id)
+            ids = ids[first + 1 : last]
+            if b"".join(table[i] for i in ids) == data:
+                return ids
+        if self._longest is None:
+            self._longest = {}
+            for i, b in enumerate(table):
+                if self.sp.IsByte(i):  # every byte has its piece (ordinary pieces, listed first, win)
+                    b = bytes([int(self.sp.IdToPiece(i)[3:5], 16)])
+                if b and not b.startswith(b"\xff"):
+                    self._longest.setdefault(b, i)
+            self._top = max(map(len, self._longest))
+        longest, ids, at = self._longest, [], 0
+        while at < len(data):
+            k = next(k for k in range(min(self._top, len(data) - at), 0, -1) if data[at : at + k] in longest)
+            ids.append(longest[data[at : at + k]])
+            at += k
+        return ids
+
 
 _PATTERNS = ("<n>", "<|tab|>", *(f"<|blank_{n}|>" for n in range(2, MAX_BLANK + 1)))
 _LONGEST = max(len(p) for p in _PATTERNS)
+# The texts that decoding rewrites wherever they appear, also when ordinary pieces spell them out (`<` then `n>`
+# decodes to a newline): a grammar engine that sees each id's bytes must not let pieces join into one.
+REWRITTEN = _PATTERNS
 
 
 def _pattern_start(raw: str) -> int:

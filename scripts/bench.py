@@ -28,6 +28,8 @@ With `--tensor-parallel N` each mode's random model is written to a temporary ch
 `glm.load`: over N ranks (tensor_parallel=N) and in this process alone; both are timed through the scheduler's
 Runner (prefill, then greedy decode steps), and the rows add the time of the model's collectives per step and
 their share of the step.
+
+    python scripts/bench.py --quick --modes int4 --batch 1,8 --grammar   # JSON-schema rows against free rows
 """
 
 from __future__ import annotations
@@ -303,6 +305,9 @@ def bench_model(cfg, device, dtype, quant, group_size, kernels, args, bandwidth)
             from glm.quant import set_cpu_kernel
 
             set_cpu_kernel(model, kernel)
+        if args.grammar:
+            rows += grammar_rows(model, cfg, args, f"{what}{f', {kernel} kernel' if quant and kernel else ''}")
+            continue
         for batch in args.batch:
             reset_peak(device)  # the peak of serving this model, not of building it from random float weights
             prompts = random_prompts(cfg, batch, args.prompt)
@@ -354,6 +359,80 @@ def bench_model(cfg, device, dtype, quant, group_size, kernels, args, bandwidth)
             gc.collect()
     del model
     gc.collect()
+    return rows
+
+
+def grammar_rows(model: GLM, cfg: GLMConfig, args, what: str) -> list[dict]:
+    """The decode step of glm.generation's scheduler (sampling with the chat's settings) with every row free, and
+    with every row under a JSON schema (glm.generation.grammar, llguidance), at each batch size: the cost of the
+    masks. Free and constrained runs alternate, so that both see the same load; each figure is the fastest run's
+    median step. `mask_ms` is the time in `allowed_tokens` (llguidance's masks, unpacked) per step, `sampling_ms`
+    the time of a step's sampling (the masks included, the forward not): their difference over the free step
+    (`json_sampling_overhead`) is the cost of the masks with less noise than the step times' on a busy machine.
+    The tokenizer is ChatGLM-6B's own (the tiny test checkpoint's ice_text.model, the same vocabulary)."""
+    import glm.generation.scheduler as scheduler
+    from glm.engine import ChatGLM
+    from glm.generation import CHAT_DEFAULTS
+    from glm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_config(Path(__file__).resolve().parents[1] / "tests/fixtures/chatglm-tiny/ice_text.model",
+                                cfg)
+    schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}  # long strings
+    masks: list[float] = []
+    allowed_tokens = scheduler.allowed_tokens
+
+    def timed(*a):
+        t0 = time.perf_counter()
+        out = allowed_tokens(*a)
+        masks.append(time.perf_counter() - t0)
+        return out
+
+    scheduler.allowed_tokens = timed
+    rows = []
+    for batch in args.batch:
+        m = ChatGLM(model, tok, max_batch=batch)
+        starts: list[float] = []
+        m.scheduler.step_hooks.append(lambda n: starts.append(time.perf_counter()))
+        samples: list[float] = []  # time of each step's sampling (masks included), the forward excluded
+        sample_and_emit = m.scheduler._sample_and_emit
+
+        def timed_sampling(*a, sample_and_emit=sample_and_emit):
+            t0 = time.perf_counter()
+            sample_and_emit(*a)
+            samples.append(time.perf_counter() - t0)
+
+        m.scheduler._sample_and_emit = timed_sampling
+        prompts = random_prompts(cfg, batch, args.prompt)
+        best = {"free": float("inf"), "json": float("inf")}
+        sampling = {"free": float("inf"), "json": float("inf")}
+        mask_ms = float("inf")
+        for i in range(args.repeats + 1):  # the first pair warms up
+            for label, sc in (("free", None), ("json", schema)):
+                progress(f"{what}, batch {batch}: {label} rows, run {i} of {args.repeats}")
+                config = CHAT_DEFAULTS.replace(max_length=None, max_new_tokens=args.new if i else 8, json_schema=sc,
+                                               stop_at_eos=sc is not None)
+                starts.clear()
+                masks.clear()
+                samples.clear()
+                n_new = [len(list(r)) for r in [m.submit(p, config.replace(seed=j)) for j, p in enumerate(prompts)]]
+                if i:
+                    best[label] = min(best[label], statistics.median(b - a for a, b in zip(starts, starts[1:])))
+                    sampling[label] = min(sampling[label], statistics.median(samples[1:]))  # decode steps only
+                    if sc is not None:
+                        mask_ms = min(mask_ms, statistics.median(masks) * 1000)
+                if min(n_new) < config.max_new_tokens:
+                    progress(f"warning: a row ended after {min(n_new)} tokens")
+        rows.append({"device": device_name(model.device), "threads": torch.get_num_threads(),
+                     "layers": cfg.num_layers, "mode": what, "batch": batch, "prompt_len": args.prompt,
+                     "new_tokens": args.new, "free_ms_per_step": round(best["free"] * 1000, 2),
+                     "json_ms_per_step": round(best["json"] * 1000, 2), "mask_ms_per_step": round(mask_ms, 3),
+                     "free_sampling_ms": round(sampling["free"] * 1000, 3),
+                     "json_sampling_ms": round(sampling["json"] * 1000, 3),
+                     "json_overhead": round(best["json"] / best["free"] - 1, 3),
+                     "json_sampling_overhead": round((sampling["json"] - sampling["free"]) / best["free"], 4),
+                     "date": time.strftime("%Y-%m-%d")})
+        progress(json.dumps(rows[-1]))  # now: the next batch size may take long
+    scheduler.allowed_tokens = allowed_tokens
     return rows
 
 
@@ -431,6 +510,9 @@ def main(argv=None) -> int:
     p.add_argument("--lora-adapters", type=int, default=0, metavar="N",
                    help="time the decode step with N LoRA adapters (r 8 on query_key_value) on N rows of the batch, "
                         "the other rows on the base, against all rows on the base")
+    p.add_argument("--grammar", action="store_true",
+                   help="instead of the forward alone, time the scheduler's decode step with free rows and with "
+                        "rows under a JSON schema (needs llguidance)")
     p.add_argument("--memory-context", type=int, default=0,
                    help="also report peak memory of one generation filling this many tokens (e.g. 2048)")
     p.add_argument("--tensor-parallel", type=int, default=None, metavar="N",

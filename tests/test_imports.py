@@ -13,8 +13,17 @@ def _run(code: str) -> str:
 
 def test_import_glm_is_lean():
     out = _run("import sys, glm; print(sorted(m for m in sys.modules if m.split('.')[0] in "
-               "('torch', 'triton', 'gradio', 'sentencepiece')))")
+               "('torch', 'triton', 'gradio', 'sentencepiece', 'ray')))")
     assert out == "[]"  # torch itself loads on first use
+
+
+def test_plain_glm_serve_never_imports_ray():
+    # Only --replicas/--autoscale import it (glm.cluster, lazily); glm-serve's parser and app do not.
+    out = _run("import sys, glm.serve\n"
+               "glm.serve.create_app(glm.load('tests/fixtures/chatglm-tiny'), 'x')\n"
+               "glm.serve.build_parser().parse_args(['--replicas', '2'])\n"
+               "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))")
+    assert out == "[]"
 
 
 def test_loading_and_chatting_on_cpu_never_loads_our_triton_kernels_or_gradio_nor_touches_cuda():
@@ -31,11 +40,12 @@ def test_loading_and_chatting_on_cpu_never_loads_our_triton_kernels_or_gradio_no
 
 def test_a_float_load_imports_neither_glm_quant_nor_the_cpu_kernel():
     # Only a quantized checkpoint or quant= needs them; a quant=4 load in the same process shows the probe works.
+    # Nor torch._dynamo, seconds of every process's start-up (a meta-device op would import it); compiling does.
     out = _run(
         "import sys, glm\n"
         "glm.load('tests/fixtures/chatglm-tiny')\n"
-        "print('glm.quant' in sys.modules, 'glm.kernels.cpu_wq' in sys.modules)\n"
+        "print('glm.quant' in sys.modules, 'glm.kernels.cpu_wq' in sys.modules, 'torch._dynamo' in sys.modules)\n"
         "glm.load('tests/fixtures/chatglm-tiny', quant=4)\n"
         "print('glm.quant' in sys.modules)"
     )
-    assert out.split() == ["False", "False", "True"]
+    assert out.split() == ["False", "False", "False", "True"]

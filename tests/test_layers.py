@@ -30,6 +30,7 @@ RANKS = {
     "glm.generation.sampling": 4,
     "glm.generation.adapters": 4,
     "glm.generation.request": 5,
+    "glm.generation.grammar": 5,
     "glm.generation.runner": 5,
     "glm.generation.scheduler": 6,
     "glm.generation": 7,  # the package's __init__, which re-exports its modules
@@ -37,11 +38,13 @@ RANKS = {
     "glm.parallel.worker": 8,
     "glm.chat": 8,
     "glm.engine": 9,
-    "glm.finetune": 9,  # the trainer's library part: data, loss, loop
+    "glm.finetune": 9,  # the trainer's library part: data, loss, loop, distributed, part, full
     "glm.options": 10,
     "glm.openai_protocol": 10,  # glm-serve's wire format, apart from the app
     "glm.http_guard": 10,  # glm-serve's checks at the HTTP edge (Host, Origin, Content-Type, body, API key)
+    "glm.cluster": 10.5,  # glm-serve's replicas on Ray Serve: uses options, used by serve (which hands it the app)
     "glm.finetune.cli": 11,
+    "glm.finetune.launch": 11,  # the command line of several processes (torchrun's launcher), part of the cli
     "glm.cli": 11,
     "glm.web": 11,
     "glm.serve": 11,

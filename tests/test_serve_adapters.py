@@ -65,14 +65,20 @@ def test_each_request_equals_its_adapter_alone_in_one_batch(server, adapter_fold
     assert server.metrics()["glm_decode_batch_size_sum"] > server.metrics()["glm_decode_batch_size_count"]
 
 
-def test_an_unknown_model_is_404_listing_the_names_and_the_server_goes_on(server, adapter_folders):
+def test_an_unknown_model_is_404_listing_the_names_and_the_server_goes_on(server, adapter_alone):
     c = server.client()
     with pytest.raises(openai.NotFoundError, match=r"'chatglm-tiny', 'a', 'b', 'c', 'p', 'q'"):
         c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "你好"}], max_tokens=2)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         c.models.retrieve("nope")
-    r = c.completions.create(model="a", prompt="你好", max_tokens=3, temperature=0, logprobs=1, echo=True)
-    assert r.model == "a" and r.choices[0].finish_reason in ("stop", "length")
+    # The echoed prompt's logprobs are the adapter's too (here a prefix's).
+    r = c.completions.create(model="q", prompt="你好", max_tokens=3, temperature=0, logprobs=1, echo=True)
+    assert r.model == "q" and r.choices[0].finish_reason in ("stop", "length")
+    m = adapter_alone["q"]
+    ids = m.tokenizer.encode("你好")
+    for adapter, match in (("q", True), (None, False)):
+        want = m.logits(ids, adapter=adapter).log_softmax(-1)[0, ids[1]].item()
+        assert (abs(r.choices[0].logprobs.token_logprobs[1] - want) < 1e-4) == match
 
 
 @pytest.mark.parametrize("args, needle", [

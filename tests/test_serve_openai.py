@@ -194,10 +194,14 @@ def test_small_ones(server, chatglm_tiny):
 
 
 @pytest.mark.parametrize("path, extra, param", [
-    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
     ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
+    ("/v1/chat/completions", {"tools": [{"type": "function"}], "tool_choice": "required"}, "tools"),
     ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format"),
+    ("/v1/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "strin"}}}}, "response_format"),
+    ("/v1/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {"echo": True}, "echo"),
     ("/v1/chat/completions", {"audio": {}}, "audio"),
     ("/v1/completions", {"suffix": "x"}, "suffix"),
@@ -247,3 +251,93 @@ def test_retry_after_and_cancelled_count(tmp_path):
             time.sleep(0.1)
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------------------------------------------- JSON, tools
+
+POINT = {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 99},
+                                          "label": {"enum": ["a", "b"]}},
+         "required": ["x", "label"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "locate", "description": "Find a point", "parameters": POINT}},
+         {"type": "function", "function": {"name": "ping", "parameters": {
+             "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+             "additionalProperties": False}}}]
+
+
+def engine_json(m, prompt: str, schema: dict, **kw) -> str:
+    return m.tokenizer.decode(m.generate(m.tokenizer.encode(prompt), 40, json_schema=schema, do_sample=True,
+                                         top_p=0.7, temperature=0.95, **kw))
+
+
+def streamed(c, **kw) -> tuple[str, list, str]:
+    """(content, tool call deltas, finish_reason) of a streamed chat."""
+    content, calls, finish = "", [], None
+    for ch in chat(c, stream=True, **kw):
+        d = ch.choices[0].delta
+        content += d.content or ""
+        calls += d.tool_calls or []
+        finish = ch.choices[0].finish_reason or finish
+    return content, calls, finish
+
+
+def test_response_format(server, chatglm_tiny):
+    m, c = chatglm_tiny, server.client()
+    fmt = {"type": "json_schema", "json_schema": {"name": "point", "schema": POINT, "strict": True}}
+    r = chat(c, max_tokens=40, seed=5, response_format=fmt)
+    text = r.choices[0].message.content
+    assert json.loads(text)["label"] in ("a", "b") and r.choices[0].finish_reason == "stop"
+    assert text == engine_json(m, "你好", POINT, seed=5)  # not post-processed: as generated
+    assert streamed(c, max_tokens=40, seed=5, response_format=fmt) == (text, [], "stop")
+    two = chat(c, max_tokens=40, seed=5, n=2, response_format=fmt).choices  # a grammar state per choice
+    assert two[0].message.content == text and json.loads(two[1].message.content)["x"] in range(100)
+    obj = chat(c, max_tokens=40, seed=5, response_format={"type": "json_object"})
+    assert obj.choices[0].message.content == engine_json(m, "你好", {"type": "object"}, seed=5)
+    raw = c.completions.create(model=NAME, prompt="hi", max_tokens=40, seed=5, extra_body={"response_format": fmt})
+    assert json.loads(raw.choices[0].text)["x"] in range(100)
+
+
+def test_tool_calls(server, chatglm_tiny):
+    from glm.openai_protocol import chat_prompt, tool_call
+
+    m, c = chatglm_tiny, server.client()
+    named = {"type": "function", "function": {"name": "locate"}}
+    r = chat(c, max_tokens=40, seed=7, tools=TOOLS, tool_choice=named)
+    (call,), choice = r.choices[0].message.tool_calls, r.choices[0]
+    assert (choice.finish_reason, choice.message.content, call.type, call.function.name) == \
+        ("tool_calls", None, "function", "locate")
+    body = {"messages": MSG, "tools": TOOLS, "tool_choice": named}
+    assert "Function locate: Find a point Parameters:" in chat_prompt(body, tool_call(body))
+    assert call.function.arguments == engine_json(m, chat_prompt(body, tool_call(body)), POINT, seed=7)
+    _, deltas, finish = streamed(c, max_tokens=40, seed=7, tools=TOOLS, tool_choice=named)
+    assert finish == "tool_calls" and deltas[0].function.name == "locate" and deltas[0].id.startswith("call_")
+    assert "".join(d.function.arguments for d in deltas) == call.function.arguments
+    # "required": the model picks the function too; the call comes whole at the end of a stream
+    r = chat(c, max_tokens=60, seed=3, tools=TOOLS, tool_choice="required")
+    (call,) = r.choices[0].message.tool_calls
+    schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call.function.name)
+    assert json.loads(call.function.arguments).keys() == set(schema["required"])
+    _, deltas, finish = streamed(c, max_tokens=60, seed=3, tools=TOOLS, tool_choice="required")
+    assert len(deltas) == 1 and deltas[0].function.model_dump() == call.function.model_dump()
+    with pytest.raises(openai.BadRequestError, match="required"):
+        chat(c, max_tokens=4, tools=TOOLS)  # "auto": ChatGLM-6B cannot decide when to call
+    plain = chat(c, max_tokens=4, temperature=0, tools=TOOLS, tool_choice="none").choices[0].message
+    assert plain.tool_calls is None and plain.content == engine_reply(m, chat_ids(m), 4, do_sample=False)
+
+
+def test_tool_messages_in_history(server, chatglm_tiny):
+    from glm.openai_protocol import chat_prompt
+
+    m, c = chatglm_tiny, server.client()
+    args = '{"x": 3, "label": "a"}'
+    history = [{"role": "user", "content": "where?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "c1", "type": "function", "function": {"name": "locate", "arguments": args}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "found"},
+               {"role": "user", "content": "and?"}]
+    prompt = chat_prompt({"messages": history})
+    assert prompt == ('[Round 0]\n问：where?\n答：{"name":"locate","arguments":{"x":3,"label":"a"}}\n'
+                      '[Round 1]\n问：Result of locate: found\nand?\n答：')
+    reply = chat(c, messages=history, max_tokens=6, temperature=0).choices[0].message.content
+    assert reply == engine_reply(m, m.tokenizer.encode(prompt), 6, do_sample=False)
+    with pytest.raises(openai.BadRequestError, match="tool_call_id"):
+        chat(c, messages=history[:2] + [{"role": "tool", "tool_call_id": "zz", "content": "x"}], max_tokens=2)

@@ -144,3 +144,65 @@ def test_stop_matcher_matches_on_the_post_processed_text(chatglm_tiny):
     assert "；" in hits and hits[-1] == "；"
     plain = StopMatcher(tok, (";",))
     assert plain.__call__ and any(plain(t) == ";" for t in ids)
+
+
+# ---------------------------------------------------------------------------------------------------- token bytes
+
+
+def _utf8_context(b: int) -> list[int] | None:
+    """Bytes around byte `b` that make a valid UTF-8 character, with b's place in it; None where no text holds b."""
+    if b < 0x80:
+        return [b]
+    if b < 0xC0:  # a continuation byte
+        return [0xC2, b]
+    if b < 0xC2 or b >= 0xF5:
+        return None
+    lead = {0xE0: [0xA0, 0x80], 0xF0: [0x90, 0x80, 0x80], 0xF4: [0x80, 0x80, 0x80]}
+    return [b] + lead.get(b, [0x80] * (1 if b < 0xE0 else 2 if b < 0xF0 else 3))
+
+
+def test_every_ids_bytes_decode_as_the_tokenizer_does(chatglm_tiny):
+    tok, V = chatglm_tiny.tokenizer, chatglm_tiny.config.vocab_size
+    table = tok.token_bytes(V)
+    assert len(table) == V
+    sp = tok.sp
+    nul = sp.PieceToId("<0x00>")
+    text_ids = [i for i in range(tok.n_pieces) if not sp.IsByte(i) and not table[i].startswith(b"\xff")]
+    # Each id in context (after a NUL byte, so that a leading space stays), all in one decode.
+    parts = tok.decode([t for i in text_ids for t in (nul, i)]).split("\x00")[1:]
+    assert len(parts) == len(text_ids)
+    assert [p.encode() for p in parts] == [table[i] for i in text_ids]
+    assert table[tok.newline_id] == b"\n" and table[sp.PieceToId("<|tab|>")] == b"\t"
+    assert table[sp.PieceToId("<|blank_80|>")] == b" " * 80 and table[sp.PieceToId("\u2581")] == b" "
+    byte_id = {int(sp.IdToPiece(i)[3:5], 16): i for i in range(tok.n_pieces) if sp.IsByte(i)}
+    for b, i in byte_id.items():  # a byte piece is its byte, inside any character that holds it
+        ctx = _utf8_context(b)
+        if ctx is None:  # never in UTF-8 text: decoded as U+FFFD, marked as no text
+            assert table[i] == b"\xff" + sp.IdToPiece(i).encode() and tok.decode([nul, i]) == "\x00\ufffd"
+            continue
+        assert table[i] == bytes([b])
+        assert tok.decode([nul] + [byte_id[c] for c in ctx]) == "\x00" + bytes(ctx).decode()
+    # The rest are no text: control pieces and unused rows decode to nothing, <unk> to a placeholder.
+    for i in [i for i in range(V) if table[i].startswith(b"\xff") and (i >= tok.n_pieces or not sp.IsByte(i))]:
+        assert tok.decode([nul, i]) == ("\x00 \u2047 " if i == 0 else "\x00"), i
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab 中文,{}\":\n\t<n>|_é😀ＡＢ1")), max_size=30))
+def test_encode_bytes_joins_to_exactly_the_text(chatglm_tiny, text):
+    tok = chatglm_tiny.tokenizer
+    table = tok.token_bytes()
+    ids = tok.encode_bytes(text.encode())
+    assert b"".join(table[i] for i in ids) == text.encode()
+    if "<" not in text and not text.startswith(" ") and "Ａ" not in text and "Ｂ" not in text:
+        # the tokenizer's own segmentation; and joined bytes are what decode gives (ids that spell "<n>"
+        # are rewritten; the leading space of a text and the normaliser's folding are the tokenizer's own)
+        assert tok.decode(ids) == text
+
+
+def test_encode_bytes_keeps_the_tokenizers_segmentation(chatglm_tiny):
+    tok = chatglm_tiny.tokenizer
+    # sentencepiece would put its dummy-prefix space in front ("▁{\"", bytes b' {"'), which is not the text
+    assert tok.encode_bytes(b'{"') == [tok.sp.PieceToId('{"')]
+    assert tok.encode_bytes("中文,好".encode()) == tok.encode("中文,好", add_special_tokens=False)[1:]  # no "▁"
+    assert tok.encode_bytes(b"a ") == [tok.sp.PieceToId("a"), tok.sp.PieceToId("\u2581")]

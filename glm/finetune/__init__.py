@@ -13,7 +13,10 @@ One concern per module, the library importing no entry-point code:
 - `prefix`: a fresh prefix encoder, and freezing everything else;
 - `loss`: the official loss, and the positions and mask of the right-padded rows;
 - `loop`: the training loop, evaluation, checkpoints and resuming;
-- `cli`: the `glm-finetune` command (`glm.finetune.cli.main`), the only module that imports entry-point code.
+- `part`: what trains (the prefix by default), `full`: every weight, sharded with FSDP (`--full`);
+- `distributed`: the ranks of a `torchrun` start, each one's share of the rows, DistributedDataParallel;
+- `cli`: the `glm-finetune` command (`glm.finetune.cli.main`), the only module that imports entry-point code, with
+  `launch`, its options of several processes (and torchrun's launcher for `--nproc-per-node`).
 """
 
 from __future__ import annotations

@@ -14,9 +14,10 @@ from torch import Tensor
 
 from glm.errors import CheckpointError
 from glm.finetune.data import IGNORE
+from glm.finetune.distributed import Ranks
 from glm.finetune.loss import ptuning_loss
-from glm.finetune.prefix import net_of, prefix_parameters
-from glm.loader import save_prefix
+from glm.finetune.part import Part, prefix_part
+from glm.finetune.prefix import net_of
 
 
 @dataclass
@@ -52,26 +53,31 @@ def _real_tokens(labels: Tensor) -> int:
 
 @torch.no_grad()
 def evaluate(m, input_ids: Tensor, labels: Tensor, batch_size: int) -> float:
-    """Mean loss over every labelled token of a data set (eval mode: no prefix dropout)."""
+    """Mean loss over every labelled token of a data set (eval mode: no prefix dropout). Under FSDP every rank
+    runs it (each forward gathers the weights from all of them)."""
     net = net_of(m)
-    was_training = net.prefix_encoder.training
-    net.prefix_encoder.eval()
+    was_training = net.training
+    net.eval()
     total, count = 0.0, 0
     for r in range(0, len(input_ids), batch_size):
         lab = labels[r : r + batch_size]
         n = int((lab[:, 1:] != IGNORE).sum())
         total += float(ptuning_loss(net, input_ids[r : r + batch_size], lab)) * n
         count += n
-    net.prefix_encoder.train(was_training)
+    net.train(was_training)
     return total / max(count, 1)
 
 
-def save_training_checkpoint(m, folder: Path, step: int, optimizer: torch.optim.Optimizer, log: list[dict]) -> None:
-    """`checkpoint-N/`: the prefix in the official layout, plus what `--resume` needs (optimizer, step, log)."""
-    save_prefix(net_of(m), folder, base_folder=getattr(m, "path", None))
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-    state = {"global_step": step, "log_history": log}
-    (folder / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
+def save_training_checkpoint(part: Part, folder: Path, step: int, optimizer: torch.optim.Optimizer,
+                             log: list[dict]) -> None:
+    """`checkpoint-N/`: the trained part in the official layout, plus what `--resume` needs (optimizer, step, log).
+    Called on every rank (FSDP gathers its shards); rank 0 writes."""
+    part.save(folder)
+    opt_state = part.optimizer_state(optimizer)
+    if part.ranks.main:
+        torch.save(opt_state, folder / "optimizer.pt")
+        state = {"global_step": step, "log_history": log}
+        (folder / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -110,27 +116,33 @@ def train(
     resume: Path | None = None,
     progress: bool = False,
     echo=None,
+    part: Part | None = None,
 ) -> list[dict]:
-    """Train the prefix of `m` (a `glm.load` model with a prefix) and save it; returns the log.
+    """Train the prefix of `m` (a `glm.load` model with a prefix), or another `part` of it, and save it; returns
+    the log.
 
     Writes `output_dir/checkpoint-N/` every `save_steps` steps, and the final prefix in `output_dir` itself
     (`config.json`, `pytorch_model.bin`), with `train_log.jsonl`: one JSON object per logged step.
     `resume`: a checkpoint folder whose prefix `m` already holds (load it with `glm.load(..., ptuning=...)`).
     `echo`: a stream for one line per logged step when there is no progress bar.
+    `part`: what trains (`glm.finetune.part`); default: the prefix, on the ranks torchrun started (or alone).
     """
     net = net_of(m)
+    part = part or prefix_part(m)
+    ranks: Ranks = part.ranks  # only rank 0 logs and writes; each rank takes its share of every step's rows
+    echo, progress = (echo, progress) if ranks.main else (None, False)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    params = prefix_parameters(net)
+    params = part.params
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     step, log = 0, []
     if resume is not None:
         step, opt_state, log = load_training_state(resume)
-        opt.load_state_dict(opt_state)
+        part.load_optimizer_state(opt, opt_state)
     ids = torch.tensor(input_ids, dtype=torch.long)
     lab = torch.tensor(labels, dtype=torch.long)
     val = tuple(torch.tensor(v, dtype=torch.long) for v in validation) if validation else None
-    log_file = (out / "train_log.jsonl").open("w", encoding="utf-8")
+    log_file = (out / "train_log.jsonl" if ranks.main else Path(os.devnull)).open("w", encoding="utf-8")
     for entry in log:  # a resumed run's log starts with the checkpoint's history
         log_file.write(json.dumps(entry) + "\n")
     bar = None
@@ -146,17 +158,19 @@ def train(
         if bar is None and echo is not None:
             print(" ".join(f"{k} {v}" for k, v in entry.items()), file=echo, flush=True)
 
-    net.prefix_encoder.train()  # the prefix dropout; the rest of the model has no dropout
+    net.train()  # the prefix dropout; the rest of the model has no dropout
     window_loss, window_tokens, window_steps, t0 = 0.0, 0, 0, time.perf_counter()
     try:
         while step < cfg.max_steps:
-            # Seeded per step: the dropout masks are reproducible, and the same after --resume.
-            torch.manual_seed(cfg.seed * 100_003 + step)
             step_loss = 0.0
-            for micro in range(cfg.gradient_accumulation_steps):
-                rows = batch_order(len(ids), cfg.batch_size, cfg.seed, step * cfg.gradient_accumulation_steps + micro)
-                loss = ptuning_loss(net, ids[rows], lab[rows]) / cfg.gradient_accumulation_steps
-                loss.backward()
+            for micro, index in enumerate(ranks.micro_batches(step, cfg.gradient_accumulation_steps)):
+                # Seeded per micro-batch: the dropout masks are reproducible, the same after --resume and on any
+                # number of ranks.
+                torch.manual_seed(cfg.seed * 100_003 + index)
+                rows = batch_order(len(ids), cfg.batch_size, cfg.seed, index)
+                with ranks.sync(part.module, last=micro == cfg.gradient_accumulation_steps - 1):
+                    loss = ptuning_loss(part.module, ids[rows], lab[rows]) / cfg.gradient_accumulation_steps
+                    loss.backward()
                 step_loss += loss.item()
                 window_tokens += _real_tokens(lab[rows])
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -173,6 +187,7 @@ def train(
                 if net.device.type == "cuda":
                     torch.cuda.synchronize(net.device)
                 dt = time.perf_counter() - t0
+                window_loss, window_tokens = ranks.sum(window_loss / ranks.world, window_tokens)  # over the ranks
                 entry = {"step": step, "loss": round(window_loss / window_steps, 6),
                          "learning_rate": opt.param_groups[0]["lr"], "tokens_per_s": round(window_tokens / dt, 1)}
                 if net.device.type == "cuda":
@@ -184,14 +199,14 @@ def train(
             if step % cfg.save_steps == 0 or step == cfg.max_steps:
                 if val is not None:
                     record({"step": step, "eval_loss": round(evaluate(net, *val, cfg.batch_size), 6)})
-                save_training_checkpoint(m, out / f"checkpoint-{step}", step, opt, log)
+                save_training_checkpoint(part, out / f"checkpoint-{step}", step, opt, log)
                 t0 = time.perf_counter()  # saving is not training time
     finally:
         if bar is not None:
             bar.close()
         log_file.close()
-        net.prefix_encoder.eval()
-    save_prefix(net, out, base_folder=getattr(m, "path", None))
+        net.eval()
+    part.save(out)
     return log
 
 

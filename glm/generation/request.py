@@ -25,7 +25,8 @@ class TokenLogprob:
 
 @dataclass
 class Result:
-    """How a request ended: `finish_reason` "stop" (`<eop>` or a stop string), "length", "cancelled" or "error"."""
+    """How a request ended: `finish_reason` "stop" (`<eop>`, a stop string, or a grammar completed by the last
+    token the length allowed), "length", "cancelled" or "error"."""
 
     tokens: list[int]
     prompt_tokens: int
@@ -46,13 +47,15 @@ class Request:
     """
 
     def __init__(self, prompt: list[int], config: GenerationConfig, budget: int, *, logits_hook=None, sink=None,
-                 stop_match: StopMatch | None = None, wake: Callable[[], None] | None = None, adapter: int = 0):
+                 stop_match: StopMatch | None = None, wake: Callable[[], None] | None = None, adapter: int = 0,
+                 grammar=None):
         self.prompt = prompt
         self.config = config
         self.adapter = adapter  # the number of the adapter its row uses (0: none; see glm.generation.adapters)
         self.budget = budget
         self.logits_hook = logits_hook
         self.stop_match = stop_match
+        self.grammar = grammar  # a glm.generation.grammar.Matcher when the tokens are constrained
         self.tokens: list[int] = []
         self.logprobs: list[TokenLogprob] = []  # with config.logprobs: one per token, set before it is handed out
         self.result: Result | None = None

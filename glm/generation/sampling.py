@@ -6,6 +6,7 @@ Every entry point (the Python API, glm-chat's options, glm-web's sliders, glm-se
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, fields
 
@@ -58,6 +59,9 @@ class GenerationConfig:
     # Return each new token's log-probability and the `logprobs` likeliest alternatives (0..20; None: off): the
     # model's log-softmax before any sampling processor, as OpenAI and vLLM return them.
     logprobs: int | None = None
+    # A JSON Schema the reply must satisfy, enforced while decoding (glm.generation.grammar): the reply is compact
+    # JSON that validates against it, and ends when the JSON is complete. {"type": "object"}: any JSON object.
+    json_schema: dict | None = None
 
     def __post_init__(self):
         for name in ("max_new_tokens", "max_length"):
@@ -99,6 +103,16 @@ class GenerationConfig:
             self.logit_bias = dict(self.logit_bias) or None
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise GenerationError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        if self.json_schema is not None:
+            if not isinstance(self.json_schema, dict):
+                raise GenerationError(f"json_schema must be a JSON Schema (a dict) or None, got "
+                                      f"{self.json_schema!r:.60}")
+            try:
+                json.dumps(self.json_schema)
+            except (TypeError, ValueError, RecursionError) as e:
+                raise GenerationError(f"json_schema must be JSON data ({e})") from None
+            if not self.stop_at_eos:
+                raise GenerationError("json_schema needs stop_at_eos=True: the reply ends where its JSON does")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) and s for s in self.stop):
@@ -334,15 +348,29 @@ class Sampler:
             self.seen[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
             self.n_seen[i] = len(prompt)
 
-    def sample(self, rows: list[int], logits: Tensor) -> tuple[list[int], list[bool]]:
+    def sample(self, rows: list[int], logits: Tensor,
+               allowed: tuple[list[int], Tensor] | None = None) -> tuple[list[int], list[bool]]:
         """The next token of each of `rows` from their logits (n, V), in one batched pass.
 
-        Returns the tokens and, per row, whether the invalid-score rule fired.
+        `allowed`: (positions j in `rows`, (k, V) bool) the only ids those rows may take (a grammar's mask): the
+        others are set to -inf before every processor. Returns the tokens and, per row, whether the invalid-score
+        rule fired.
         """
         configs = [self.configs[i] for i in rows]
         idx = torch.tensor(rows, device=logits.device) if len(rows) < len(self.configs) else None
         g = (lambda t: t[idx]) if idx is not None else (lambda t: t)  # noqa: E731
         scores, bad = fix_invalid_scores(logits)
+        n_ok = None
+        if allowed is not None:
+            at, ok = allowed[0], allowed[1].to(logits.device, non_blocking=True)
+            if len(at) == len(rows):  # every row constrained: no gather and scatter
+                scores = torch.where(ok, scores, float("-inf"))
+                n_ok = ok.sum(-1)
+            else:
+                at = torch.tensor(at, device=logits.device)
+                scores[at] = torch.where(ok, scores[at], float("-inf"))
+                n_ok = torch.full((len(rows),), self.vocab_size, dtype=torch.long, device=logits.device)
+                n_ok[at] = ok.sum(-1)
         for j, i in enumerate(rows):  # OpenAI's logit_bias comes first, as vLLM applies it
             if self.bias[i] is not None:
                 ids, vals = self.bias[i]
@@ -361,6 +389,8 @@ class Sampler:
             k_max = 0 if any(c.top_k == 0 for c in sampled) else max(min(c.top_k, V) for c in sampled)
             greedy = g(self.greedy)
             top_k = torch.where(greedy, k_max, g(self.top_k))  # greedy rows: any valid k, their draw is unused
+            if n_ok is not None:  # top-k among the allowed ids: no full sort for a row with fewer than k of them
+                top_k = torch.where(top_k > 0, torch.minimum(top_k, n_ok.clamp(min=1)), top_k)
             min_p = g(self.min_p) if any(c.min_p > 0 for c in sampled) else None
             probs, index = next_token_probs(scores, g(self.temperature), top_k, g(self.one_minus_top_p), k_max,
                                             min_p)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from glm.errors import GenerationError, QueueFull
+from glm.generation.grammar import Matcher, allowed_tokens
 from glm.generation.inputs import check_ids, prompt_layout
 from glm.generation.request import Request, StopMatch, TokenLogprob
 from glm.generation.runner import Runner
@@ -68,12 +69,14 @@ class Scheduler:
 
     def submit(self, prompt, config: GenerationConfig, *, logits_hook=None, sink=None,
                stop_match: Callable[[], StopMatch] | None = None, n: int | None = None,
-               adapter: int = 0) -> Request | list[Request]:
+               adapter: int = 0, grammar: Callable[[], Matcher] | None = None) -> Request | list[Request]:
         """Queue one prompt; raises GenerationError for a bad prompt or setting, QueueFull when full.
 
         With `n`, a list of n requests (choices) sharing one prefill of the prompt, then decoding as separate rows;
         choice j draws with seed `seed + j`. `sink`, if given, is then called as `sink(j, event)`. `stop_match`
         makes a stop-string matcher for each request. `adapter`: the number of a `runner.adapters` (0: none).
+        `grammar` makes the grammar matcher of each (config.json_schema's,
+        built by `ChatGLM.submit`, which has the tokenizer).
         """
         if not isinstance(config, GenerationConfig):
             raise GenerationError(f"config must be a GenerationConfig, got {type(config).__name__}")
@@ -97,13 +100,15 @@ class Scheduler:
                                   f"vocabulary [0, {V})")
         if config.stop and stop_match is None:
             raise GenerationError("stop strings need a tokenizer: load a checkpoint with ice_text.model")
+        if config.json_schema is not None and grammar is None:
+            raise GenerationError("json_schema needs a tokenizer: load a checkpoint with ice_text.model")
         group = []
         for j in range(n or 1):
             c = config if j == 0 or config.seed is None else config.replace(seed=(config.seed + j) % MAX_SEED)
             put = sink if n is None or sink is None else functools.partial(sink, j)
             group.append(Request(prompt, c, int(min(budget, room)), logits_hook=logits_hook, sink=put,
                                  stop_match=stop_match() if config.stop else None, wake=self._wake,
-                                 adapter=adapter))
+                                 adapter=adapter, grammar=grammar() if config.json_schema is not None else None))
         with self._cv:
             if self.max_waiting is not None and self.n_waiting + len(group) > self.max_waiting:
                 raise QueueFull(f"the server is busy: {self.n_waiting} requests are already waiting; retry later")
@@ -219,21 +224,30 @@ class Scheduler:
         for r, lg in zip(reqs, logits):
             if r.logits_hook is not None:
                 r.logits_hook(lg[None])
-        toks, bads = self.sampler.sample(rows, logits)
+        constrained = [j for j, r in enumerate(reqs) if r.grammar is not None]
+        allowed = None
+        if constrained:  # the grammars' masks, the other rows free
+            allowed = (constrained, allowed_tokens([reqs[j].grammar for j in constrained], logits.shape[-1]))
+        toks, bads = self.sampler.sample(rows, logits, allowed)
         self._logprobs(reqs, logits, toks)
         eos = self.model.config.eos_token_id
         for i, r, t, bad in zip(rows, reqs, toks, bads):
             if bad:
                 r.nan = True
+            try:
+                complete = r.grammar is not None and r.grammar.advance(t)
+            except GenerationError as e:  # this request fails, the others go on
+                self._free(i, None, error=e)
+                continue
             # `ending` is set before the last token is handed out, so that a reader of that token knows it is the
             # last (the official stream skips it).
             stop = r.stop_match(t) if r.stop_match is not None else None
             if stop is not None:
                 r.ending = "stop"
-            elif r.config.stop_at_eos and t == eos:
+            elif r.config.stop_at_eos and t == eos:  # (once its JSON is complete, the only token a grammar allows)
                 r.ending = "stop"
             elif len(r.tokens) + 1 >= r.budget:
-                r.ending = "length"
+                r.ending = "stop" if complete else "length"  # no room left for <eop> after complete JSON
             r._emit(t)
             if r.ending is not None:
                 self._free(i, r.ending, stop)

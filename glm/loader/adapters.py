@@ -11,6 +11,7 @@ from torch import Tensor
 
 from glm.config import GLMConfig
 from glm.errors import CheckpointError
+from glm.loader.building import on_meta
 from glm.loader.hub import checkpoint_files
 from glm.loader.lora import read_lora
 from glm.loader.reading import read_tensors
@@ -42,7 +43,7 @@ def read_prefix(model: GLM, folder: Path) -> list[tuple[Tensor, Tensor]]:
         raise CheckpointError(f"{folder}/config.json has no pre_seq_len: not a P-Tuning v2 prefix")
     cfg = copy.copy(model.config)  # the encoder's shape follows the base, which is what its tensors must fit
     cfg.pre_seq_len, cfg.prefix_projection = pcfg.pre_seq_len, pcfg.prefix_projection
-    with torch.device("meta"):
+    with on_meta():
         enc = PrefixEncoder(cfg)
     want = {k: tuple(t.shape) for k, t in enc.state_dict().items()}
     got: dict[str, Tensor] = {}

@@ -7,10 +7,12 @@ tensors are in: see `glm.loader.quantizing`, imported only for a quantized check
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from glm.config import GLMConfig
 from glm.errors import CheckpointError
@@ -89,9 +91,26 @@ def _check_quant_request(cfg: GLMConfig, quant: int | None, quantize_lm_head: bo
         raise ValueError("quantizing the output layer needs quant=4 or 8 (--quant), or a quantized checkpoint")
 
 
+class _NoInit(TorchFunctionMode):
+    """Skips `torch.nn.init` while building on the meta device: there are no values to fill, and `normal_` of a meta
+    tensor imports torch._dynamo, seconds of every process's start-up."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def on_meta():
+    """Build modules on the meta device, without initialising their (absent) values."""
+    with torch.device("meta"), _NoInit():
+        yield
+
+
 def _empty_model(cfg: GLMConfig) -> GLM:
     """The model on the meta device, with (meta) QuantLinears where the checkpoint is stored quantized."""
-    with torch.device("meta"):
+    with on_meta():
         model = GLM(cfg)
     if cfg.quantization_bit:
         from glm.loader.quantizing import swap_in_quant_linears

@@ -16,19 +16,23 @@ from glm.model import GLM
 TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json", "MODEL_LICENSE")
 
 
-def save_checkpoint(model: GLM, folder: str | os.PathLike, tokenizer_folder: Path | None = None) -> Path:
-    """Write `model` as `model.safetensors` + `config.json` under the checkpoint's own names."""
+def save_checkpoint(model: GLM, folder: str | os.PathLike, tokenizer_folder: Path | None = None,
+                    state: dict | None = None) -> Path:
+    """Write `model` as `model.safetensors` + `config.json` under the checkpoint's own names.
+
+    `state`: the model's state dict when `model` does not hold it whole (gathered from FSDP shards).
+    """
     from safetensors.torch import save_file
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    state = {}
-    for name, t in model.state_dict().items():
+    tensors = {}
+    for name, t in (model.state_dict() if state is None else state).items():
         if name == "inv_freq" or (cfg.tie_word_embeddings and name == "lm_head.weight" and t.is_floating_point()):
             continue  # a float head tied to the embedding is saved once, as the embedding
-        state[module_to_checkpoint(name)] = t.detach().contiguous().cpu()
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        tensors[module_to_checkpoint(name)] = t.detach().contiguous().cpu()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     d = cfg.to_dict()
     d["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")

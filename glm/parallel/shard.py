@@ -105,7 +105,7 @@ class ShardPlan:
         V, C = self.vocab[1] - self.vocab[0], cfg.hidden_size
         model.lm_head = _empty_like(model.lm_head, C, V)
         if isinstance(model.word_embeddings, nn.Embedding):
-            model.word_embeddings = nn.Embedding(V, C, device="meta")
+            model.word_embeddings = nn.Embedding(V, C, _weight=torch.empty(V, C, device="meta"))  # no init: no dynamo
         else:  # a quantized head tied to the embedding (glm.quant.QuantEmbedding): look up in the head's shard
             from glm.quant import tie_quantized_embedding
 
@@ -113,7 +113,8 @@ class ShardPlan:
         pe = getattr(model, "prefix_encoder", None)
         if pe is not None:
             if pe.trans is None:
-                pe.embedding = nn.Embedding(cfg.pre_seq_len, pe.embedding.embedding_dim // n, device="meta")
+                w = torch.empty(cfg.pre_seq_len, pe.embedding.embedding_dim // n, device="meta")
+                pe.embedding = nn.Embedding(*w.shape, _weight=w)
             else:
                 pe.trans[2] = _empty_like(pe.trans[2], C, pe.trans[2].out_features // n)
 
