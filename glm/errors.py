@@ -38,8 +38,13 @@ class DataError(ValueError):
     """Training data the preprocessing cannot use; the message is one line that says what to do."""
 
 
+class TrainingError(RuntimeError):
+    """A training run that cannot go on (a diverging loss, a checkpoint that does not fit the run): one line."""
+
+
 class CLIError(Exception):
     """A problem an entry point reports as one line (`glm-chat: error: ...`), never as a traceback."""
 
 
-__all__ = ["CLIError", "CheckpointError", "ConfigError", "DataError", "GenerationError", "QueueFull", "one_line"]
+__all__ = ["CLIError", "CheckpointError", "ConfigError", "DataError", "GenerationError", "QueueFull", "TrainingError",
+           "one_line"]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from glm.errors import DataError
+from glm.loader import save_prefix
 from glm.model import GLM, PrefixEncoder
 
 
@@ -37,4 +40,19 @@ def prefix_parameters(m) -> list[nn.Parameter]:
     return list(enc.parameters())
 
 
-__all__ = ["add_prefix", "net_of", "prefix_parameters"]
+class PrefixPart:
+    """The prefix encoder as the trainable part; saved in the official ptuning layout (`save_prefix`)."""
+
+    kind = "P-Tuning prefix"
+
+    def __init__(self, m):
+        self.net = net_of(m)
+        self.base_folder = getattr(m, "path", None)
+        self.parameters = prefix_parameters(self.net)
+        self.modules = [self.net.prefix_encoder]
+
+    def save(self, folder: Path) -> None:
+        save_prefix(self.net, folder, base_folder=self.base_folder)
+
+
+__all__ = ["PrefixPart", "add_prefix", "net_of", "prefix_parameters"]

@@ -45,5 +45,9 @@ def test_cli_resume_continues_exactly(tmp_path):
     assert sorted(a) == sorted(b) and len(a) == 5
     assert all(torch.equal(a[k], b[k]) for k in a)
     logs = [[json.loads(line) for line in (tmp_path / d / "train_log.jsonl").read_text().splitlines()] for d in "ab"]
-    assert [(e["step"], e["loss"]) for e in logs[0]] == [(e["step"], e["loss"]) for e in logs[1]]
-    assert [e["step"] for e in logs[1]] == [1, 2, 3, 4]
+    steps = [[(e["step"], e["loss"], e["learning_rate"], e["epoch"]) for e in log if "loss" in e] for log in logs]
+    assert steps[0] == steps[1]
+    # As the Trainer logs: the rate set for the next step, epochs of 2 micro-batches (4 rows of 2) each.
+    assert [x for s in steps[1] for x in (s[0], s[2], s[3])] == pytest.approx(
+        [1, 0.0375, 1.0, 2, 0.025, 2.0, 3, 0.0125, 3.0, 4, 0.0, 4.0])
+    assert all("train_runtime" in log[-1] and log[-1]["step"] == 4 for log in logs)
