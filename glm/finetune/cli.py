@@ -49,7 +49,7 @@ MODEL_ALIASES = {"--model": ("--model_name_or_path",), "--revision": ("--model_r
                  "--quant": ("--quantization_bit",), "--ptuning": ("--ptuning_checkpoint",)}
 
 
-def _positive(kind):
+def _positive(kind, most: float = math.inf):
     def parse(s: str):
         try:
             v = kind(s)
@@ -57,6 +57,8 @@ def _positive(kind):
             raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
         if not (v > 0 and math.isfinite(v)):
             raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+        if v > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most:g}, got {s}")
         return v
 
     parse.__name__ = kind.__name__
@@ -129,7 +131,7 @@ def build_parser():
     t.add_argument("--lora-target", default="query_key_value", metavar="NAMES",
                    help="comma-separated linears: query_key_value, dense, dense_h_to_4h, dense_4h_to_h "
                         "(default: query_key_value)")
-    opt(t, "--learning-rate", "--learning_rate", type=_positive(float), default=2e-2, metavar="LR",
+    opt(t, "--learning-rate", "--learning_rate", type=_positive(float, 1e30), default=2e-2, metavar="LR",
         help="(default: 2e-2, train.sh's; the Trainer's own is 5e-5)")
     opt(t, "--batch-size", "--per_device_train_batch_size", type=_positive(int), default=1, metavar="N",
         help="rows per micro-batch (default: 1, train.sh's; the Trainer's own is 8)")
@@ -293,6 +295,8 @@ def _run(parser, args, tty: bool) -> int:
                          eval_batch_size=args.eval_batch_size)
         (out / MARK).write_text(json.dumps({**vars(args), **asdict(tc)}, indent=1, default=str) + "\n")
         what = part.kind + (f", {name}" if part.kind.startswith("P-") else "")
+        if part.kind.startswith("P-") and not (args.pre_seq_len or args.ptuning or resume):
+            what += " (without --pre_seq_len main.py fine-tunes every weight, which glm-finetune does not offer)"
         print(f"glm-finetune: {len(train_data[0])} training rows, {what}, {tc.max_steps} steps of "
               f"{tc.batch_size} x {tc.gradient_accumulation_steps} rows", file=sys.stderr, flush=True)
         scorer = (lambda: {k: v for k, v in scores(eval_gen, "eval").items() if k in ("rouge-1", "rouge-2",

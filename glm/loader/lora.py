@@ -101,6 +101,9 @@ def apply_lora(model: nn.Module, folder: str | Path) -> dict:
             if tuple(t.shape) != want:
                 raise CheckpointError(f"{path}: {PREFIX}{name}.lora_{which}.weight has shape {tuple(t.shape)}, "
                                       f"expected {want}: the adapter is for another model size (or another r)")
+        if not (a.isfinite().all() and b.isfinite().all()):
+            raise CheckpointError(f"{path}: {PREFIX}{name} holds NaN or inf values: the adapter is broken (saved by "
+                                  "a training run that diverged?); use an earlier checkpoint or train it again")
         dev = next(base.parameters()).device
         # The factors stay float32 (as PEFT keeps them), whatever the base's dtype: they are small.
         wrapped = LoRALinear(base, a.to(dev, torch.float32), b.to(dev, torch.float32), cfg["scaling"], cfg["dropout"])

@@ -48,3 +48,9 @@ def test_bad_rows_are_one_line_errors(chatglm_tiny, tmp_path):
     f.write_text('{"content": "a", "summary": "b"}\n[1, 2]\n')
     with pytest.raises(DataError, match="line 2 is not a JSON object"):
         read_rows(f)
+
+
+def test_a_utf8_bom_is_read(tmp_path):
+    f = tmp_path / "t.json"
+    f.write_bytes('\ufeff{"content": "a", "summary": "b"}\n'.encode())
+    assert read_rows(f) == [{"content": "a", "summary": "b"}]
