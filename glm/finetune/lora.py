@@ -47,7 +47,8 @@ def add_lora(m, r: int, alpha: float = 8, dropout: float = 0.0, targets=("query_
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
                 b = torch.zeros(base.out_features, r, device=dev)
                 parent, _, leaf = name.rpartition(".")
-                setattr(net.get_submodule(parent), leaf, LoRALinear(base, a, b, alpha / r, dropout))
+                lora = LoRALinear(base, a, b, alpha / r, dropout).train(base.training)  # dropout off until training
+                setattr(net.get_submodule(parent), leaf, lora)
 
 
 def lora_parameters(m) -> dict[str, nn.Parameter]:

@@ -107,6 +107,7 @@ def apply_lora(model: nn.Module, folder: str | Path) -> dict:
         dev = next(base.parameters()).device
         # The factors stay float32 (as PEFT keeps them), whatever the base's dtype: they are small.
         wrapped = LoRALinear(base, a.to(dev, torch.float32), b.to(dev, torch.float32), cfg["scaling"], cfg["dropout"])
+        wrapped.train(base.training)  # a new module is in training mode: its dropout would be on at inference
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, wrapped)
     return cfg
