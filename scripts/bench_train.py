@@ -85,7 +85,17 @@ def bench_mode(cfg, device, dtype, quant, group_size, kernel, args) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    step()  # warm-up
+    # The warm-up step also counts the bytes autograd keeps for backward (parameters and buffers excluded).
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
     sync(device)
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -111,6 +121,7 @@ def bench_mode(cfg, device, dtype, quant, group_size, kernel, args) -> dict:
         "loss": round(loss.item(), 3),
         "model_mem_gb": round(loaded / 1e9, 3),  # process RSS on a CPU, allocated memory on a GPU
         "peak_mem_gb": round(peak_memory(device) / 1e9, 3),
+        "saved_activations_mb": round(sum(kept.values()) / 1e6, 1),
         "date": time.strftime("%Y-%m-%d"),
     }
     if device.type == "cuda":  # what nvidia-smi shows, less the CUDA context

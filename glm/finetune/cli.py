@@ -351,7 +351,7 @@ def _run(parser, args, tty: bool) -> int:
         closing = log[-1] if log and "train_runtime" in log[-1] else {}
         epoch = closing.get("epoch")
         metrics = {k: v for k, v in closing.items() if k != "step"}
-        metrics["train_samples"] = len(rows["train"])
+        metrics["train_samples"] = len(train_data[0])  # the rows kept, as the Trainer counts its dataset
         report("train", metrics)
     if args.do_eval:
         metrics = {}
@@ -365,7 +365,7 @@ def _run(parser, args, tty: bool) -> int:
             metrics.update({f"eval_{k}": s[k] for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")})
             metrics.update(speed_metrics("eval", s["seconds"], len(s["preds"]),
                                          math.ceil(len(s["preds"]) / args.eval_batch_size)))
-        metrics["eval_samples"] = len(rows["validation"])
+        metrics["eval_samples"] = len(eval_gen[0]) if eval_gen is not None else len(validation[0])
         if epoch is not None:
             metrics["epoch"] = epoch
         report("eval", metrics)
@@ -375,7 +375,7 @@ def _run(parser, args, tty: bool) -> int:
         metrics = {f"predict_{k}": s[k] for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")}
         metrics.update(speed_metrics("predict", s["seconds"], len(s["preds"]),
                                      math.ceil(len(s["preds"]) / args.eval_batch_size)))
-        metrics["predict_samples"] = len(rows["test"])
+        metrics["predict_samples"] = len(test_gen[0])
         report("predict", metrics)
     if args.do_train and args.full:
         print(f"glm-finetune: saved the model to {out}; chat with it: glm-chat --model {out}", file=say)

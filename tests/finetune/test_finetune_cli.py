@@ -190,3 +190,35 @@ def test_chat_takes_ptuning_option(tmp_path):
     p = ArgumentParser()
     add_model_args(p)
     assert p.parse_args(["--ptuning", str(tmp_path)]).ptuning == str(tmp_path)
+
+
+def test_every_official_name_sets_the_same_option_as_ours():
+    from glm.finetune.cli import build_parser
+
+    p = build_parser()
+    pairs = [("--model_name_or_path", "--model", "m"), ("--model_revision", "--revision", "r"),
+             ("--quantization_bit", "--quant", "4"), ("--ptuning_checkpoint", "--ptuning", "d"),
+             ("--train_file", "--train-file", "t"), ("--validation_file", "--validation-file", "v"),
+             ("--test_file", "--test-file", "t"), ("--prompt_column", "--prompt-column", "p"),
+             ("--response_column", "--response-column", "r"), ("--history_column", "--history-column", "h"),
+             ("--source_prefix", "--source-prefix", "s"), ("--max_source_length", "--max-source-length", "7"),
+             ("--max_target_length", "--max-target-length", "7"),
+             ("--val_max_target_length", "--val-max-target-length", "7"),
+             ("--max_train_samples", "--max-train-samples", "3"), ("--max_eval_samples", "--max-eval-samples", "3"),
+             ("--max_predict_samples", "--max-predict-samples", "3"), ("--pre_seq_len", "--pre-seq-len", "8"),
+             ("--learning_rate", "--learning-rate", "0.5"), ("--per_device_train_batch_size", "--batch-size", "3"),
+             ("--per_device_eval_batch_size", "--eval-batch-size", "3"),
+             ("--gradient_accumulation_steps", "--gradient-accumulation-steps", "3"),
+             ("--max_steps", "--max-steps", "3"), ("--save_steps", "--save-steps", "3"),
+             ("--logging_steps", "--logging-steps", "3"), ("--resume_from_checkpoint", "--resume", "c"),
+             ("--generation_max_length", "--generation-max-length", "30"), ("--num_beams", "--num-beams", "1")]
+    base = ["--output_dir", "o"]
+    defaults = vars(p.parse_args(base))
+    for official, ours, value in pairs:
+        a, b = vars(p.parse_args([*base, official, value])), vars(p.parse_args([*base, ours, value]))
+        assert a == b and a != defaults, official
+    for flag in ("do_train", "do_eval", "do_predict", "predict_with_generate", "overwrite_output_dir",
+                 "prefix_projection", "overwrite_cache", "fp16"):
+        assert getattr(p.parse_args([*base, f"--{flag}"]), flag) is True
+        assert getattr(p.parse_args([*base, f"--{flag}", "false"]), flag) is False
+    assert p.parse_args([*base, "--output-dir", "x"]).output_dir == "x"

@@ -54,3 +54,16 @@ def test_a_utf8_bom_is_read(tmp_path):
     f = tmp_path / "t.json"
     f.write_bytes('\ufeff{"content": "a", "summary": "b"}\n'.encode())
     assert read_rows(f) == [{"content": "a", "summary": "b"}]
+
+
+def test_source_prefix_and_val_max_target_length(chatglm_tiny):
+    from glm.finetune import generation_rows
+
+    tok, rows = chatglm_tiny.tokenizer, [{"content": "hi", "summary": "Soft rain on the roof"}]
+    opts = {**OPTS, "history_column": None, "max_source_length": 16, "max_target_length": 16}
+    assert preprocess_rows(tok, rows, **opts, source_prefix="Q: ")[0] == \
+        preprocess_rows(tok, [{**rows[0], "content": "Q: hi"}], **opts)[0]
+    prompts, refs = generation_rows(tok, rows, **opts, source_prefix="Q: ")
+    assert prompts == [tok.encode("Q: hi")] and refs == ["Soft rain on the roof"]
+    _, short = generation_rows(tok, rows, **{**opts, "max_target_length": 4})  # val_max_target_length - 2 tokens
+    assert short == [tok.decode(tok.encode("Soft rain on the roof", False)[:2]).strip()] and short != refs

@@ -65,10 +65,14 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     from glm.finetune.cli import main
 
     out = tmp_path / "out"
+    (out / "checkpoint-7").mkdir(parents=True)  # an earlier run of ours, which --overwrite_output_dir clears
+    (out / "checkpoint-7" / "trainer_state.json").write_text('{"global_step": 7}')
+    (out / "train_args.json").write_text("{}")
     # A learning rate of 1e30: the first step's prefix is finite, the next loss is not.
     rc = main(["--model", str(BASE), "--train-file", str(TRAIN / "train.json"), "--max-source-length", "24",
                "--max-target-length", "8", "--pre-seq-len", "4", "--learning-rate", "1e30", "--batch-size", "4",
-               "--gradient-accumulation-steps", "1", "--max-steps", "4", "--save-steps", "1", "--output-dir", str(out)])
+               "--gradient-accumulation-steps", "1", "--max-steps", "4", "--save-steps", "1", "--output-dir", str(out),
+               "--overwrite_output_dir"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and err[-1].startswith("glm-finetune: error: the ") and "at step 2: training diverged and " \
         f"stopped; the last good checkpoint is {out / 'checkpoint-1'}. Lower --learning-rate" in err[-1], err

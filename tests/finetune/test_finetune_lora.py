@@ -54,7 +54,7 @@ def _train_lora(out, steps=3, seed=0):
     return m
 
 
-def test_new_factors_are_initialised_as_peft_does():
+def test_new_factors_are_initialised_as_peft_does(chatglm_tiny):
     from glm.finetune import add_lora
     from glm.lora import lora_modules
 
@@ -70,10 +70,10 @@ def test_new_factors_are_initialised_as_peft_does():
         assert a.abs().max() <= bound and a.abs().max() > bound / 2 and not b.any()
         assert torch.equal(a, lora_modules(again.model)[name].lora_A)  # seeded
     ids = _prompt(0)
-    assert torch.equal(m.logits(ids), glm.load(BASE).logits(ids))  # B = 0: the update starts at nothing
+    assert torch.equal(m.logits(ids), chatglm_tiny.logits(ids))  # B = 0: the update starts at nothing
 
 
-def test_trained_adapter_saves_in_peft_layout_and_loads_back_exactly(tmp_path):
+def test_trained_adapter_saves_in_peft_layout_and_loads_back_exactly(tmp_path, chatglm_tiny):
     from safetensors.torch import load_file
 
     m = _train_lora(tmp_path / "a")
@@ -88,9 +88,9 @@ def test_trained_adapter_saves_in_peft_layout_and_loads_back_exactly(tmp_path):
     ids = _prompt(2) + [TRAIN_G["input_ids"][2][len(_prompt(2))]]  # and a token of the reply
     back = glm.load(BASE, lora=tmp_path / "a")
     assert torch.equal(back.logits(ids), m.logits(ids))
-    assert not torch.equal(back.logits(ids), glm.load(BASE).logits(ids))  # it trained
+    assert not torch.equal(back.logits(ids), chatglm_tiny.logits(ids))  # it trained
     # The base is untouched: only the factors trained.
-    fresh = dict(glm.load(BASE).model.named_parameters())
+    fresh = dict(chatglm_tiny.model.named_parameters())
     assert all(torch.equal(p, fresh[n.replace(".base.", ".")]) for n, p in m.model.named_parameters()
                if "lora_" not in n)
     # Fixed seeds: the same run again gives the same adapter, bit for bit.

@@ -131,7 +131,7 @@ def official_scores(path) -> dict[str, float]:
 
 def test_train_sh_then_evaluate_sh(tmp_path, monkeypatch):
     # train.sh in its own process, as a user runs it: one step of 16 rows instead of 3000.
-    r = finetune(*command_line(TRAIN_SH), "--max_steps", 1, cwd=tmp_path)
+    r = finetune(*command_line(TRAIN_SH), "--max_steps", 1, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "output" / "adgen-chatglm-6b-pt-128-2e-2"
     assert {"checkpoint-1", "pytorch_model.bin", "train_results.json"} <= {p.name for p in out.iterdir()}
