@@ -169,6 +169,8 @@ def add_adapter_args(group) -> None:
 
 def check_adapters(parser: argparse.ArgumentParser, args: argparse.Namespace, base_name: str) -> None:
     """Every `--adapter` name is its own and not the base model's (checked before anything loads)."""
+    if args.adapter and getattr(args, "tensor_parallel", None):
+        parser.error("--adapter does not work with --tensor-parallel: the ranks serve the base model only")
     seen = {base_name}
     for name, _ in args.adapter:
         if name in seen:

@@ -16,8 +16,8 @@ timeout 240 python -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log" | t
   timeout 120 python scripts/bench.py --device cuda --compile --modes int4 --batch 4 --prompt 512 --new 128 --no-naive
 } 2>&1 | tee "$out/bench.jsonl"
 # Tensor parallelism over NCCL with the one GPU there is (N = 1: the whole code path, one rank); the GPU-marked tests
-# above include tests/parallel/test_gpu.py.
-timeout 240 python scripts/bench.py --device cuda --tensor-parallel 1 --modes fp16 --layers 8 --prompt 512 --new 128 \
+# above include tests/parallel/test_tensor_parallel_gpu.py.
+timeout 240 python scripts/bench.py --device cuda --tensor-parallel 1 --modes fp16 --layers 4 --prompt 512 --new 128 \
   2>&1 | tee "$out/bench_parallel.jsonl"
 # Serving: 32 concurrent streaming clients against glm-serve vs the same requests one at a time (full model).
 {

@@ -7,6 +7,10 @@ load time, and the peak after generating a few tokens. Quantize-while-loading sh
 quantized size plus one block, not the fp16 size.
 
     python scripts/load_memory.py --layers 28 --dir /tmp/glm-random-6b --modes int4-qhead,int4,int8,bf16
+    python scripts/load_memory.py --layers 4 --dir /tmp/glm-random-4 --modes bf16 --tensor-parallel 2  # per rank
+
+With `--tensor-parallel N` the model is split over N ranks (rank 0 the child, the others its children), and the
+figures are each rank's.
 """
 
 from __future__ import annotations
@@ -42,14 +46,19 @@ import glm
 sys.path.insert(0, "scripts")
 from bench import GreedyDecoder
 folder, quant, dtype, qhead = sys.argv[1], int(sys.argv[2]) or None, sys.argv[3], sys.argv[4] == "1"
+tp = int(sys.argv[5]) or None
 t0 = time.perf_counter()
-m = glm.load(folder, dtype=dtype, quant=quant, quantize_lm_head=qhead)
+m = glm.load(folder, dtype=dtype, quant=quant, quantize_lm_head=qhead, tensor_parallel=tp)
 t1 = time.perf_counter()
 anon = status("RssAnon:")
 print("LOADED", flush=True)
 time.sleep(0.1)
 cfg = m.config
-GreedyDecoder(m.model, 1, 64).run([list(range(100, 114)) + [cfg.gmask_token_id, cfg.bos_token_id]], 8)
+prompt = list(range(100, 114)) + [cfg.gmask_token_id, cfg.bos_token_id]
+if tp:  # every rank decodes: through the engine, whose runner rank 0 mirrors on the others
+    m.generate(prompt, 8, stop_at_eos=False)
+else:
+    GreedyDecoder(m.model, 1, 64).run([prompt], 8)
 time.sleep(0.1)
 print(json.dumps({"load_s": round(t1 - t0, 1), "anon_loaded_gb": round(anon / 1e9, 3),
                   "vm_hwm_gb": round(status("VmHWM:") / 1e9, 3)}), flush=True)
@@ -66,18 +75,37 @@ def _anon(pid: int) -> int:
     return 0
 
 
-def measure(folder: Path, quant: int, dtype: str, qhead: bool = False) -> dict:
-    """Run the child, sampling its owned memory; returns its report plus the peaks while loading and after."""
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(d.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return kids
+
+
+def measure(folder: Path, quant: int, dtype: str, qhead: bool = False, tp: int = 0) -> dict:
+    """Run the child, sampling its owned memory (and its ranks', with `tp`); returns its report plus the peaks while
+    loading and after."""
     import selectors
 
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(folder), str(quant), dtype, str(int(qhead))],
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(folder), str(quant), dtype, str(int(qhead)), str(tp)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     peak = peak_load = 0
-    lines = []
+    ranks: dict[int, int] = {}  # the other ranks' pids -> their peak
+    lines, polls = [], 0
     while proc.poll() is None:
         peak = max(peak, _anon(proc.pid))
+        if tp and polls % 25 == 0:  # look for the ranks it started every half second
+            for kid in _children(proc.pid):
+                ranks.setdefault(kid, 0)
+        for kid in ranks:
+            ranks[kid] = max(ranks[kid], _anon(kid))
+        polls += 1
         if sel.select(timeout=0.02):
             line = proc.stdout.readline()
             if line.startswith("LOADED"):
@@ -88,7 +116,10 @@ def measure(folder: Path, quant: int, dtype: str, qhead: bool = False) -> dict:
     if proc.returncode:
         raise RuntimeError(proc.stderr.read())
     report = json.loads(lines[-1])
-    return {**report, "peak_anon_load_gb": round(peak_load / 1e9, 3), "peak_anon_gb": round(peak / 1e9, 3)}
+    report = {**report, "peak_anon_load_gb": round(peak_load / 1e9, 3), "peak_anon_gb": round(peak / 1e9, 3)}
+    if tp:
+        report["other_ranks_peak_anon_gb"] = [round(v / 1e9, 3) for v in ranks.values()]
+    return report
 
 
 def write_checkpoint(folder: Path, layers: int, shards: int = 8) -> None:
@@ -137,6 +168,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=28)
     p.add_argument("--dir", default="/tmp/glm-random-6b", help="where the random checkpoint is (or is written)")
     p.add_argument("--modes", default="int4-qhead,int4,int8,bf16", help=f"comma-separated from {','.join(MODES)}")
+    p.add_argument("--tensor-parallel", type=int, default=0, metavar="N", help="split the model over N ranks")
     args = p.parse_args(argv)
     folder = Path(args.dir)
     if not (folder / "config.json").is_file():
@@ -147,7 +179,8 @@ def main(argv=None) -> int:
     for mode in args.modes.split(","):
         quant, dtype, qhead = MODES[mode]
         row = {"mode": mode, "dtype": dtype, "checkpoint_gb": round(size / 1e9, 2),
-               **measure(folder, quant, dtype, qhead), "date": time.strftime("%Y-%m-%d")}
+               "tensor_parallel": args.tensor_parallel or None,
+               **measure(folder, quant, dtype, qhead, args.tensor_parallel), "date": time.strftime("%Y-%m-%d")}
         print(json.dumps(row), flush=True)
     return 0
 

@@ -3,7 +3,7 @@ request's tokens by llguidance, which is imported only when a request asks for i
 
 A `Vocabulary` (the bytes of every id, from the tokenizer) is built once per model, a grammar compiled once per
 request and a `Matcher` made for each of its choices. Each decode step `allowed_tokens` computes the masks of the
-constrained rows of the batch at once; the sampler sets every other token's score to -inf before its processors,
+constrained rows of the batch; the sampler sets every other token's score to -inf before its processors,
 so that constrained and free rows share a step, and logprobs (taken from the raw logits) keep their meaning.
 """
 
@@ -13,6 +13,7 @@ import bisect
 import json
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,8 +23,6 @@ from glm.errors import GenerationError
 # tokens on blanks. A schema may ask otherwise with llguidance's own "x-guidance" key.
 JSON_OPTIONS = {"whitespace_flexible": False}
 SPECIAL = b"\xff"  # llguidance's marker of ids that are no text (UTF-8 never holds this byte)
-_SHIFTS = torch.arange(32, dtype=torch.int32)
-_executor = None  # llguidance's thread pool for the masks of a batch, made on first use
 
 
 def _llguidance():
@@ -129,14 +128,17 @@ class Matcher:
 
 
 def allowed_tokens(matchers: list[Matcher], vocab_size: int) -> Tensor:
-    """(n, vocab_size) bool on the CPU: the ids each matcher allows next, computed in parallel by llguidance."""
-    global _executor
-    if _executor is None:
-        _executor = _llguidance().LLExecutor()
+    """(n, vocab_size) bool on the CPU: the ids each matcher allows next.
+
+    One after the other in this thread: a JSON mask takes tens of microseconds, and llguidance's thread pool
+    (`LLExecutor`) would only compete with the model's threads for the cores.
+    """
     n, words = len(matchers), (vocab_size + 31) // 32
-    bits = torch.zeros(n, words, dtype=torch.int32)
-    _executor.unsafe_compute_mask_ptr([(m.ll, j) for j, m in enumerate(matchers)], bits.data_ptr(), words * 4, n)
-    ok = ((bits[:, :, None] >> _SHIFTS) & 1).view(n, words * 32)[:, :vocab_size].bool()
+    bits = np.zeros((n, words), dtype=np.int32)
+    for j, m in enumerate(matchers):  # llguidance writes one bit per id into row j, lowest bit first
+        m.ll.unsafe_compute_mask_ptr(bits.ctypes.data + j * words * 4, words * 4)
+    ok = torch.from_numpy(np.unpackbits(bits.view(np.uint8), axis=1, count=vocab_size, bitorder="little")
+                          .view(np.bool_))
     for j, m in enumerate(matchers):
         if m.ll.is_error():  # let it end: its `advance` then reports the error
             ok[j, m.vocab.eos_id] = True

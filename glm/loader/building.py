@@ -144,11 +144,15 @@ def _assign_file(model: GLM, path: Path, from_prefix: bool, device, dtype: torch
         name = checkpoint_to_module(ck_name)
         if not _takes(cfg, name, from_prefix):
             continue
+        whole = t
         if shard is not None:
             t = shard.take(name, t)
         check_tensor(ck_name, t, _expected(model, name), cfg.quantization_bit)
         keep = quantizer is not None and quantizer.keeps_as_stored(name)
-        _set_tensor(model, name, _placed(name, t, device, dtype, keep))
+        placed = _placed(name, t, device, dtype, keep)
+        if t is not whole and placed.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr():
+            placed = placed.clone()  # a shard keeps none of the rest (cast or moved, it is a copy already)
+        _set_tensor(model, name, placed)
         if quantizer is not None:
             quantizer.assigned(model, name, dtype)
         if shard is not None:

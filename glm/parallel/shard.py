@@ -121,14 +121,14 @@ class ShardPlan:
     # -- each tensor as it is read
 
     def take(self, name: str, t: Tensor) -> Tensor:
-        """This rank's part of the checkpoint tensor that goes to module tensor `name`: a copy, so that nothing of
-        the rest is kept (from a memory-mapped file, only the part's pages are ever read)."""
+        """This rank's part of the checkpoint tensor that goes to module tensor `name` (often a view: the loader
+        copies what it keeps, so that nothing of the rest stays; from a memory-mapped file only the part is read)."""
         m = _LAYER.match(name)
         if m:
             kind, attr = m.group(1), m.group(2)
             lo, hi = self.spans[kind]
             if kind in _COLUMN:
-                return t[lo:hi].clone()  # weight and bias rows, and their scales (per row, or per row and group)
+                return t[lo:hi]  # weight and bias rows, and their scales (per row, or per row and group)
             if name.rpartition(".")[0] in self.whole:
                 return torch.zeros_like(t) if attr == "bias" and self.rank else t
             if attr == "bias":
@@ -139,7 +139,7 @@ class ShardPlan:
             per_byte = 8 // self.cfg.quantization_bit if not t.is_floating_point() else 1
             return t[:, lo // per_byte : hi // per_byte].contiguous()
         if name in ("word_embeddings.weight", "lm_head.weight", "lm_head.weight_scale"):
-            return t[self.vocab[0] : self.vocab[1]].clone()
+            return t[self.vocab[0] : self.vocab[1]]
         if name in ("prefix_encoder.embedding.weight", "prefix_encoder.trans.2.weight", "prefix_encoder.trans.2.bias"):
             if name == "prefix_encoder.embedding.weight" and self.cfg.prefix_projection:
                 return t  # the projection's input: replicated

@@ -94,6 +94,16 @@ def test_what_tensor_parallel_does_not_take_is_refused(kw, needle):
         glm.load(FIXTURES / "glm-tiny", **kw)
 
 
+def test_glm_serve_refuses_adapters_with_tensor_parallel_before_loading(capsys):
+    from glm import serve
+
+    with pytest.raises(SystemExit) as e:
+        serve.main(["--model", str(FIXTURES / "chatglm-tiny"), "--tensor-parallel", "2", "--adapter",
+                    f"a={FIXTURES / 'chatglm-tiny-lora' / 'adapter'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--adapter does not work with --tensor-parallel" in err and err.count("\n") == 1
+
+
 def test_under_torchrun_a_taken_port_or_another_size_is_one_line(monkeypatch):
     assert tp_world.current() is None
     with socket.socket() as s:
