@@ -56,9 +56,13 @@ class DistributedError(RuntimeError):
         self.shared = shared
 
 
+class TrainingError(RuntimeError):
+    """A training run that cannot go on (a diverging loss, a checkpoint that does not fit the run): one line."""
+
+
 class CLIError(Exception):
     """A problem an entry point reports as one line (`glm-chat: error: ...`), never as a traceback."""
 
 
 __all__ = ["CLIError", "CheckpointError", "ConfigError", "DataError", "DistributedError", "GenerationError",
-           "ParallelError", "QueueFull", "one_line"]
+           "ParallelError", "QueueFull", "TrainingError", "one_line"]

@@ -82,41 +82,44 @@ def count_type(lo: int, hi: int):
     return parse
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Which checkpoint to load and how: shared by glm-chat and glm-web."""
+def add_model_args(parser: argparse.ArgumentParser, aliases: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Which checkpoint to load and how: shared by glm-chat and glm-web. `aliases`: more names of an option
+    (glm-finetune takes the official ptuning scripts' names too)."""
+    aliases = aliases or {}
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL, metavar="REPO_OR_FOLDER",
-                   help=f"Hugging Face repo id or a local checkpoint folder (default: {DEFAULT_MODEL})")
-    g.add_argument("--revision", default=None, metavar="REV",
-                   help="Hub branch, tag or commit (default: the main branch)")
-    g.add_argument("--quant", type=int, choices=(4, 8), default=None,
-                   help="quantize the weights to int4 or int8 while loading (int4: about 4 GB for ChatGLM-6B)")
-    g.add_argument("--group-size", type=int, choices=(32, 64, 128), default=None,
-                   help="int4 only: one scale per GROUP_SIZE inputs instead of one per output row")
-    g.add_argument("--quant-lm-head", action="store_true",
-                   help="with --quant or a quantized checkpoint: quantize the output layer too (1 GB in fp16; "
-                        "faster decoding on a CPU)")
-    g.add_argument("--cpu-kernel", choices=("exact", "fast"), default="exact",
-                   help="quantized models on a CPU: exact (float activations, as the official code) or fast "
-                        "(int8 activations: faster, above all with several users; default: exact)")
-    g.add_argument("--ptuning", default=None, metavar="DIR",
-                   help="apply a P-Tuning v2 prefix (a glm-finetune or official ptuning output folder)")
-    g.add_argument("--lora", default=None, metavar="DIR",
-                   help="apply a LoRA adapter as PEFT saves it (adapter_config.json + adapter_model.*), unmerged")
-    g.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile with CUDA graphs (fastest on a GPU; the first reply "
-                        "waits for compilation)")
-    g.add_argument("--max-context", type=count_type(2, 1 << 20), default=None, metavar="N",
-                   help="tokens of prompt plus reply one conversation turn may take; longer ones are refused "
-                        "(default: the model's max_sequence_length, 2048 for ChatGLM-6B)")
-    g.add_argument("--tensor-parallel", type=count_type(1, 4096), default=None, metavar="N",
-                   help="split the model over N ranks (one per GPU, or N CPU processes); this process starts the "
-                        "others, or is one of N started by torchrun (see docs/parallel.md)")
-    g.add_argument("--device", default="auto", metavar="DEVICE",
-                   help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
-    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
-                   help="auto: float16 on CUDA; on CPU float32 for small models, and for ChatGLM-6B the "
-                        "half type this CPU runs fastest, found by a short probe (default: auto)")
+    add = lambda name, **kw: g.add_argument(name, *aliases.get(name, ()), **kw)  # noqa: E731
+    add("--model", default=DEFAULT_MODEL, metavar="REPO_OR_FOLDER",
+        help=f"Hugging Face repo id or a local checkpoint folder (default: {DEFAULT_MODEL})")
+    add("--revision", default=None, metavar="REV",
+        help="Hub branch, tag or commit (default: the main branch)")
+    add("--quant", type=int, choices=(4, 8), default=None,
+        help="quantize the weights to int4 or int8 while loading (int4: about 4 GB for ChatGLM-6B)")
+    add("--group-size", type=int, choices=(32, 64, 128), default=None,
+        help="int4 only: one scale per GROUP_SIZE inputs instead of one per output row")
+    add("--quant-lm-head", action="store_true",
+        help="with --quant or a quantized checkpoint: quantize the output layer too (1 GB in fp16; "
+             "faster decoding on a CPU)")
+    add("--cpu-kernel", choices=("exact", "fast"), default="exact",
+        help="quantized models on a CPU: exact (float activations, as the official code) or fast "
+             "(int8 activations: faster, above all with several users; default: exact)")
+    add("--ptuning", default=None, metavar="DIR",
+        help="apply a P-Tuning v2 prefix (a glm-finetune or official ptuning output folder)")
+    add("--lora", default=None, metavar="DIR",
+        help="apply a LoRA adapter as PEFT saves it (adapter_config.json + adapter_model.*), unmerged")
+    add("--compile", action="store_true",
+        help="decode through torch.compile with CUDA graphs (fastest on a GPU; the first reply "
+             "waits for compilation)")
+    add("--max-context", type=count_type(2, 1 << 20), default=None, metavar="N",
+        help="tokens of prompt plus reply one conversation turn may take; longer ones are refused "
+             "(default: the model's max_sequence_length, 2048 for ChatGLM-6B)")
+    add("--tensor-parallel", type=count_type(1, 4096), default=None, metavar="N",
+        help="split the model over N ranks (one per GPU, or N CPU processes); this process starts the "
+             "others, or is one of N started by torchrun (see docs/parallel.md)")
+    add("--device", default="auto", metavar="DEVICE",
+        help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
+    add("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+        help="auto: float16 on CUDA; on CPU float32 for small models, and for ChatGLM-6B the "
+             "half type this CPU runs fastest, found by a short probe (default: auto)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:

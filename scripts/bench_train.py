@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark a P-Tuning v2 training step of a ChatGLM-6B-shaped model with random weights (no download needed).
+"""Benchmark a P-Tuning v2 (or LoRA) training step of a ChatGLM-6B-shaped model with random weights (no download).
 
 One JSON row per mode: tokens/s of a training step (forward, backward to the prefix, AdamW step) and peak memory,
 on rows of the official shape (`--source` prompt tokens with `[gMASK] <sop>`, `--target` response tokens with
@@ -7,6 +7,7 @@ on rows of the official shape (`--source` prompt tokens with `[gMASK] <sop>`, `-
 
     python scripts/bench_train.py --layers 2                  # quick, CPU: bf16, int8, int4
     python scripts/bench_train.py --device cuda               # the full model on a GPU: fp16, int8, int4
+    python scripts/bench_train.py --modes int4 --lora-rank 8  # LoRA r=8 on query_key_value instead of a prefix
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from bench import (  # noqa: E402
 )
 
 from glm.config import GLMConfig  # noqa: E402
-from glm.finetune import add_prefix, prefix_parameters, ptuning_loss  # noqa: E402
+from glm.finetune import add_lora, add_prefix, trainable_part, training_loss  # noqa: E402
 
 
 def random_rows(cfg: GLMConfig, batch: int, source: int, target: int, seed: int = 0):
@@ -61,25 +62,40 @@ def bench_mode(cfg, device, dtype, quant, group_size, kernel, args) -> dict:
         set_cpu_kernel(model, kernel)
     if cfg.tie_word_embeddings:  # as the release loads: one table for the embedding and the head
         model.lm_head.weight = model.word_embeddings.weight
-    add_prefix(model, args.pre_seq_len, args.prefix_projection, seed=0)
-    params = prefix_parameters(model)
+    if args.lora_rank:  # LoRA factors on query_key_value (PEFT's usual target for ChatGLM-6B) instead of a prefix
+        add_lora(model, args.lora_rank, alpha=2 * args.lora_rank, seed=0)
+    else:
+        add_prefix(model, args.pre_seq_len, args.prefix_projection, seed=0)
+    part = trainable_part(model)
+    params = part.params
     opt = torch.optim.AdamW(params, lr=2e-2, weight_decay=0.0)
     ids, labels = random_rows(cfg, args.batch, args.source, args.target)
     ids, labels = ids.to(device), labels.to(device)
     gc.collect()
     loaded = current_memory(device)
     reset_peak(device)  # the peak of training, not of building the model from random float weights
-    model.prefix_encoder.train()
+    for mod in part.modules:
+        mod.train()
 
     def step():
-        loss = ptuning_loss(model, ids, labels)
+        loss = training_loss(model, ids, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    step()  # warm-up
+    # The warm-up step also counts the bytes autograd keeps for backward (parameters and buffers excluded).
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
     sync(device)
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -96,13 +112,16 @@ def bench_mode(cfg, device, dtype, quant, group_size, kernel, args) -> dict:
         "batch": args.batch,
         "source": args.source,
         "target": args.target,
-        "pre_seq_len": args.pre_seq_len,
-        "prefix_projection": args.prefix_projection,
+        "pre_seq_len": None if args.lora_rank else args.pre_seq_len,
+        "prefix_projection": None if args.lora_rank else args.prefix_projection,
+        "lora_rank": args.lora_rank,
+        "trainable_params": sum(p.numel() for p in params),
         "step_s": round(dt, 3),
         "train_tok_s": round(args.batch * (args.source + args.target) / dt, 1),
         "loss": round(loss.item(), 3),
         "model_mem_gb": round(loaded / 1e9, 3),  # process RSS on a CPU, allocated memory on a GPU
         "peak_mem_gb": round(peak_memory(device) / 1e9, 3),
+        "saved_activations_mb": round(sum(kept.values()) / 1e6, 1),
         "date": time.strftime("%Y-%m-%d"),
     }
     if device.type == "cuda":  # what nvidia-smi shows, less the CUDA context
@@ -123,6 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--target", type=int, default=64, help="response tokens, <sop> and <eop> included (official: 64)")
     p.add_argument("--pre-seq-len", type=int, default=128, help="prefix tokens (official: 128)")
     p.add_argument("--prefix-projection", action="store_true")
+    p.add_argument("--lora-rank", type=int, default=None, help="train LoRA factors of this rank instead of a prefix")
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = p.parse_args(argv)

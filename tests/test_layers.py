@@ -38,7 +38,7 @@ RANKS = {
     "glm.parallel.worker": 8,
     "glm.chat": 8,
     "glm.engine": 9,
-    "glm.finetune": 9,  # the trainer's library part: data, loss, loop, distributed, part, full
+    "glm.finetune": 9,  # the library part: data, loss, loop, distributed, part, full, lora, predict, metrics, outputs
     "glm.options": 10,
     "glm.openai_protocol": 10,  # glm-serve's wire format, apart from the app
     "glm.http_guard": 10,  # glm-serve's checks at the HTTP edge (Host, Origin, Content-Type, body, API key)

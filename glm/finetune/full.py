@@ -84,8 +84,8 @@ def full_part(m, ranks: Ranks, compute_dtype: torch.dtype = torch.float32) -> Pa
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_optimizer_state_dict(net, opt, state if ranks.main else {}, options=opts)
 
-    return Part(list(net.parameters()), net, save, lambda opt: get_optimizer_state_dict(net, opt, options=gather),
-                load_optimizer_state, ranks)
+    return Part("every weight", list(net.parameters()), net, [net], save,
+                lambda opt: get_optimizer_state_dict(net, opt, options=gather), load_optimizer_state, ranks)
 
 
 def save_official(net, state: dict, folder: Path, base: Path | None) -> None:

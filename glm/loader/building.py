@@ -62,6 +62,10 @@ def build_model(
     if quantizer is not None:
         quantizer.finish(model)
     _check_complete(model)
+    if cfg.pre_seq_len and not all(bool(t.isfinite().all()) for t in model.prefix_encoder.state_dict().values()):
+        where = ptuning if ptuning is not None else folder
+        raise CheckpointError(f"the P-Tuning prefix in {where} holds NaN or inf values: it is broken (saved by a "
+                              "training run that diverged?); use an earlier checkpoint or train it again")
     model.init_buffers(device)
     if stored_quant:
         from glm.loader.quantizing import prepare_stored

@@ -106,6 +106,9 @@ def read_lora(model: nn.Module, folder: str | Path) -> tuple[dict, dict[str, tup
             if not t.is_floating_point():
                 raise CheckpointError(f"{path}: {PREFIX}{name}.lora_{which}.weight is {t.dtype}, not floating "
                                       "point: the file is corrupt")
+        if not (a.isfinite().all() and b.isfinite().all()):
+            raise CheckpointError(f"{path}: {PREFIX}{name} holds NaN or inf values: the adapter is broken (saved by "
+                                  "a training run that diverged?); use an earlier checkpoint or train it again")
         # The factors stay float32 (as PEFT keeps them), whatever the base's dtype: they are small.
         out[name] = (a.float(), b.float())
     return cfg, out
@@ -117,7 +120,8 @@ def apply_lora(model: nn.Module, folder: str | Path) -> dict:
     for name, (a, b) in factors.items():
         base = model.get_submodule(name)
         dev = next(base.parameters()).device
-        wrapped = LoRALinear(base, a.to(dev), b.to(dev), cfg["scaling"], cfg["dropout"])
+        wrapped = LoRALinear(base, a.to(dev, torch.float32), b.to(dev, torch.float32), cfg["scaling"], cfg["dropout"])
+        wrapped.train(base.training)  # a new module is in training mode: its dropout would be on at inference
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, wrapped)
     return cfg

@@ -25,11 +25,11 @@ def golden_rows() -> list[dict]:
     return read_rows(TRAIN / "train.json")
 
 
-def finetune(*args, timeout=120):
+def finetune(*args, timeout=120, cwd=ROOT):
     """`glm-finetune ARGS` as a user runs it (the console script calls the same `main`), in its own process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "glm.finetune", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=timeout)
+                          env=env, cwd=cwd, timeout=timeout)
 
 
 def random_rows(cfg, lengths, target=8, seed=0):

@@ -32,10 +32,11 @@ def test_the_library_imports_no_entry_point_code():
             "print(sorted(m for m in ('glm.options', 'glm.cli', 'glm.web', 'glm.serve', 'glm.finetune.cli') "
             "if m in sys.modules))\n"
             "from glm.finetune.cli import main\n"
-            "print(main.__module__, 'glm.options' in sys.modules)")
+            "print(main.__module__, 'glm.options' in sys.modules)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jieba', 'nltk', 'rouge_chinese')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == ["[]", "glm.finetune.cli True"]
+    assert r.stdout.splitlines() == ["[]", "glm.finetune.cli True", "[]"]  # the scorers load when they score
 
 
 @pytest.mark.parametrize(
@@ -47,14 +48,35 @@ def test_the_library_imports_no_entry_point_code():
         (['{"content": "a", "summary": "b"}'], ["--pre-seq-len", "0"], "--pre-seq-len must be a positive"),
         (['{"content": "a b c", "summary": "b"}'], ["--max-source-length", "1"], "cut to nothing"),
         (['{"content": "a", "summary": "b"}'], ["--max-source-length", "4000"], "max_sequence_length"),
+        (['{"content": "a", "summary": "b", "history": []}'], ["--history_column", "hist"],
+         "no row has the column 'hist' (the rows have 'content', 'history', 'summary'): name the right one with "
+         "--history-column"),
+        (['', '{"content": "a", "summary": "b", "history": [["q", null]]}'], ["--history_column", "history"],
+         "train.json line 2: column 'history' must be a list of [query, reply] pairs of strings"),
+        (['{"content": "a", "summary": "b"}'], ["--do_predict", "--test_file", "{train}"],
+         "--do_predict needs --predict_with_generate"),
+        (['{"content": "a", "summary": "b"}'], ["--do_eval"], "--do_eval needs --validation_file"),
+        (['{"content": "a", "summary": "b"}'], ["--num_beams", "4"], "beam search is not offered"),
+        (['{"content": "a", "summary": "b"}'], ["--lora-rank", "0"], "--lora-rank must be a positive integer"),
+        (['{"content": "a", "summary": "b"}'], ["--lora-rank", "4", "--lora-alpha", "-1"],
+         "--lora-alpha must be a positive number"),
+        (['{"content": "a", "summary": "b"}'], ["--lora-rank", "4", "--lora-target", "qkv"], "--lora-target 'qkv'"),
+        (['{"content": "a", "summary": "b"}'], ["--validation_file", "{bad}"], "bad.json line 3 is not JSON"),
+        (['{"content": "a", "summary": "b"}'], ["--validation_file", "{train}", "--do_eval", "--response_column",
+                                                "summary", "--prompt_column", "text"],
+         "train.json: no row has the column 'text'"),
     ],
-    ids=["not-json", "empty", "missing-column", "pre-seq-len", "cut-to-nothing", "too-long"],
+    ids=["not-json", "empty", "missing-column", "pre-seq-len", "cut-to-nothing", "too-long", "mistyped-history",
+         "null-in-history", "predict-needs-generate", "eval-needs-file", "beams", "lora-rank", "lora-alpha",
+         "lora-target", "validation-line", "validation-column"],
 )
 def test_bad_input_is_one_line(tmp_path, capsys, lines, extra, message):
     from glm.finetune.cli import main
 
     f = tmp_path / "train.json"
     f.write_text("".join(line + "\n" for line in lines))
+    (tmp_path / "bad.json").write_text('{"content": "a", "summary": "b"}\n\n{"content": "a"\n')
+    extra = [a.format(train=f, bad=tmp_path / "bad.json") for a in extra]
     try:
         rc = main(["--model", str(BASE), "--train-file", str(f), "--output-dir", str(tmp_path / "out"), *extra])
     except SystemExit as e:  # argparse's own errors
@@ -63,6 +85,63 @@ def test_bad_input_is_one_line(tmp_path, capsys, lines, extra, message):
     assert rc in (1, 2) and len(err) == 1, err
     assert err[0].startswith("glm-finetune: error:") and message in err[0]
     assert not (tmp_path / "out").exists()  # the data is checked before anything is written (or loaded)
+
+
+def _output_dir_case(tmp_path, case):
+    out = tmp_path / "out"
+    if case == "base-model":
+        return BASE
+    if case == "file":
+        out.write_text("notes")
+    elif case == "weights":
+        out.mkdir()
+        (out / "pytorch_model.bin").write_bytes(b"not ours")
+    elif case in ("not-empty", "not-empty-overwrite"):
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    elif case == "earlier-run":
+        out.mkdir()
+        (out / "train_args.json").write_text("{}")
+        (out / "checkpoint-2").mkdir()
+    return out
+
+
+@pytest.mark.parametrize("case, message", [
+    ("base-model", "is the folder of the model being read"),
+    ("file", "is a file: name a folder"),
+    ("weights", "holds pytorch_model.bin, which glm-finetune did not write (a model?): choose another folder"),
+    ("not-empty", "is not empty: choose another folder, or pass --overwrite_output_dir"),
+    ("earlier-run", "holds checkpoints of an earlier run: continue it with --resume"),
+])
+def test_output_dir_that_must_not_be_written_is_refused_before_loading(tmp_path, capsys, case, message):
+    from glm.finetune.cli import main
+
+    out = _output_dir_case(tmp_path, case)
+    before = {p: p.read_bytes() for p in (out.rglob("*") if out.is_dir() else [out]) if p.is_file()}
+    extra = ["--overwrite_output_dir"] if case in ("base-model", "weights") else []  # refused all the same
+    rc = main(["--model", str(BASE), "--train-file", str(TRAIN / "train.json"), "--output-dir", str(out), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err == [f"glm-finetune: error: {err[0].split('error: ', 1)[1]}"] and message in err[0], err
+    assert "glm: chatglm-tiny" not in err[0]  # before the model loads
+    assert {p: p.read_bytes() for p in (out.rglob("*") if out.is_dir() else [out]) if p.is_file()} == before
+
+
+def test_resume_edge_cases_are_one_line_before_loading(tmp_path, capsys):
+    from glm.finetune.cli import main
+
+    ck = tmp_path / "run" / "checkpoint-4"
+    ck.mkdir(parents=True)
+    (ck.parent / "train_args.json").write_text("{}")
+    (ck / "trainer_state.json").write_text('{"global_step": 4, "log_history": []}')
+    common = ["--model", str(BASE), "--train-file", str(TRAIN / "train.json"), "--output-dir", str(tmp_path / "o")]
+    assert main([*common, "--resume", str(ck.parent), "--max-steps", "4"]) == 1
+    assert main([*common, "--resume_from_checkpoint", str(ck), "--max-steps", "8"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"glm-finetune: error: {ck} is at step 4: --max-steps 4 leaves nothing to train; raise "
+                   "--max-steps to continue",
+                   f"glm-finetune: error: the checkpoint {ck} has no config.json (nor adapter_config.json): it is "
+                   "incomplete; resume from another checkpoint"]
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_bad_line_is_one_line_and_exit_code_1(tmp_path):
@@ -111,3 +190,35 @@ def test_chat_takes_ptuning_option(tmp_path):
     p = ArgumentParser()
     add_model_args(p)
     assert p.parse_args(["--ptuning", str(tmp_path)]).ptuning == str(tmp_path)
+
+
+def test_every_official_name_sets_the_same_option_as_ours():
+    from glm.finetune.cli import build_parser
+
+    p = build_parser()
+    pairs = [("--model_name_or_path", "--model", "m"), ("--model_revision", "--revision", "r"),
+             ("--quantization_bit", "--quant", "4"), ("--ptuning_checkpoint", "--ptuning", "d"),
+             ("--train_file", "--train-file", "t"), ("--validation_file", "--validation-file", "v"),
+             ("--test_file", "--test-file", "t"), ("--prompt_column", "--prompt-column", "p"),
+             ("--response_column", "--response-column", "r"), ("--history_column", "--history-column", "h"),
+             ("--source_prefix", "--source-prefix", "s"), ("--max_source_length", "--max-source-length", "7"),
+             ("--max_target_length", "--max-target-length", "7"),
+             ("--val_max_target_length", "--val-max-target-length", "7"),
+             ("--max_train_samples", "--max-train-samples", "3"), ("--max_eval_samples", "--max-eval-samples", "3"),
+             ("--max_predict_samples", "--max-predict-samples", "3"), ("--pre_seq_len", "--pre-seq-len", "8"),
+             ("--learning_rate", "--learning-rate", "0.5"), ("--per_device_train_batch_size", "--batch-size", "3"),
+             ("--per_device_eval_batch_size", "--eval-batch-size", "3"),
+             ("--gradient_accumulation_steps", "--gradient-accumulation-steps", "3"),
+             ("--max_steps", "--max-steps", "3"), ("--save_steps", "--save-steps", "3"),
+             ("--logging_steps", "--logging-steps", "3"), ("--resume_from_checkpoint", "--resume", "c"),
+             ("--generation_max_length", "--generation-max-length", "30"), ("--num_beams", "--num-beams", "1")]
+    base = ["--output_dir", "o"]
+    defaults = vars(p.parse_args(base))
+    for official, ours, value in pairs:
+        a, b = vars(p.parse_args([*base, official, value])), vars(p.parse_args([*base, ours, value]))
+        assert a == b and a != defaults, official
+    for flag in ("do_train", "do_eval", "do_predict", "predict_with_generate", "overwrite_output_dir",
+                 "prefix_projection", "overwrite_cache", "fp16"):
+        assert getattr(p.parse_args([*base, f"--{flag}"]), flag) is True
+        assert getattr(p.parse_args([*base, f"--{flag}", "false"]), flag) is False
+    assert p.parse_args([*base, "--output-dir", "x"]).output_dir == "x"

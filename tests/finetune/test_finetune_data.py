@@ -17,11 +17,11 @@ def test_an_empty_history_is_round_0_as_the_official_trainer_renders_it(chatglm_
     # the bare query instead); a row without the column is the bare query.
     tok = chatglm_tiny.tokenizer
     opts = {**OPTS, "max_source_length": 40, "max_target_length": 8}
-    ids = [preprocess_rows(tok, [row], **opts)[0] for row in (
+    ids, _ = preprocess_rows(tok, [
         {"content": "hi", "summary": "x", "history": []},
         {"content": "[Round 0]\n问：hi\n答：", "summary": "x"},
         {"content": "hi", "summary": "x"},
-    )]
+    ], **opts)
     assert ids[0] == ids[1] != ids[2]
 
 
@@ -38,7 +38,7 @@ def test_bad_rows_are_one_line_errors(chatglm_tiny, tmp_path):
     with pytest.raises(DataError, match="cut to nothing"):
         preprocess_rows(tok, golden_rows(), **{**OPTS, "max_source_length": 1})
     with pytest.raises(DataError, match="non-empty"):
-        preprocess_rows(tok, [{"content": "", "summary": "x"}], **OPTS)
+        preprocess_rows(tok, [{"content": "", "summary": "x"}], **{**OPTS, "history_column": None})
     with pytest.raises(DataError, match="row 1: column 'history'"):
         preprocess_rows(tok, [{"content": "a", "summary": "b", "history": "c"}], **OPTS)
     f = tmp_path / "t.json"
@@ -48,3 +48,22 @@ def test_bad_rows_are_one_line_errors(chatglm_tiny, tmp_path):
     f.write_text('{"content": "a", "summary": "b"}\n[1, 2]\n')
     with pytest.raises(DataError, match="line 2 is not a JSON object"):
         read_rows(f)
+
+
+def test_a_utf8_bom_is_read(tmp_path):
+    f = tmp_path / "t.json"
+    f.write_bytes('\ufeff{"content": "a", "summary": "b"}\n'.encode())
+    assert read_rows(f) == [{"content": "a", "summary": "b"}]
+
+
+def test_source_prefix_and_val_max_target_length(chatglm_tiny):
+    from glm.finetune import generation_rows
+
+    tok, rows = chatglm_tiny.tokenizer, [{"content": "hi", "summary": "Soft rain on the roof"}]
+    opts = {**OPTS, "history_column": None, "max_source_length": 16, "max_target_length": 16}
+    assert preprocess_rows(tok, rows, **opts, source_prefix="Q: ")[0] == \
+        preprocess_rows(tok, [{**rows[0], "content": "Q: hi"}], **opts)[0]
+    prompts, refs = generation_rows(tok, rows, **opts, source_prefix="Q: ")
+    assert prompts == [tok.encode("Q: hi")] and refs == ["Soft rain on the roof"]
+    _, short = generation_rows(tok, rows, **{**opts, "max_target_length": 4})  # val_max_target_length - 2 tokens
+    assert short == [tok.decode(tok.encode("Soft rain on the roof", False)[:2]).strip()] and short != refs

@@ -42,7 +42,9 @@ def free_port() -> int:
 
 
 def log_of(folder):
-    return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    """The logged steps of a run (not its evaluations, nor the Trainer-style closing entry of totals)."""
+    log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    return [e for e in log if "loss" in e]
 
 
 def spawn(rank: int, world: int, port: int, *args) -> subprocess.Popen:

@@ -34,3 +34,15 @@ def test_saved_prefix_is_the_official_layout_and_reloads(tmp_path):
     assert cfg["auto_map"] == json.loads((BASE / "config.json").read_text())["auto_map"]  # the base's config
     again = glm.load(BASE, ptuning=tmp_path)
     assert torch.equal(again.logits(G["input_ids"][1][:9]), m.logits(G["input_ids"][1][:9]))
+
+
+def test_a_nan_prefix_is_refused_as_broken(tmp_path):
+    import pytest
+
+    from glm.errors import CheckpointError
+
+    state = torch.load(TRAIN / "prefix" / "pytorch_model.bin", weights_only=True)
+    torch.save({k: torch.full_like(v.float(), float("nan")) for k, v in state.items()}, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text((TRAIN / "prefix" / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="holds NaN or inf values: it is broken"):
+        glm.load(BASE, ptuning=tmp_path)
