@@ -192,6 +192,8 @@ MSG = [{"role": "user", "content": "你好"}]
     (dict(model=NAME, messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]), 400,
      "must alternate"),
     (dict(model=NAME, messages=[{"role": "tool", "content": "a"}]), 400,
+     "tool_call_id must be the id of an earlier assistant tool call"),
+    (dict(model=NAME, messages=[{"role": "function", "content": "a"}]), 400,
      "role of system, developer, user or assistant"),
     (dict(model=NAME, messages=[{"role": "user", "content": 5}]), 400, "content must be a string"),
     (dict(model=NAME, messages=MSG, max_tokens=2046), 400, "over the context of 2048 tokens by 2"),
