@@ -243,8 +243,8 @@ def chat_prompt(body: dict, call: ToolCall | None = None) -> str:
     for i, msg in enumerate(messages):
         role = msg.get("role") if isinstance(msg, dict) else None
         if role not in ("system", "developer", "user", "assistant", "tool"):
-            raise APIError(400, f"messages[{i}] must be an object with a role of system, developer, user, "
-                                "assistant or tool", param="messages")
+            raise APIError(400, f"messages[{i}] must be an object with a role of system, developer, user or "
+                                "assistant (or tool, for a function's result)", param="messages")
         content = _content(msg, i)
         if role in ("system", "developer"):  # OpenAI's newer name of the system role
             if turns:
@@ -270,8 +270,9 @@ def chat_prompt(body: dict, call: ToolCall | None = None) -> str:
     turns = [("user" if r == "tool" else r, c) for r, c in turns]
     roles = [r for r, _ in turns]
     if not roles or roles != ["user", "assistant"] * (len(roles) // 2) + ["user"]:
-        raise APIError(400, "messages must alternate user (or tool results) and assistant turns (after any system "
-                            "message) and end with a user message or tool results", param="messages")
+        raise APIError(400, "messages must alternate user and assistant turns (after any system message; tool "
+                            "results count as the user's) and end with a user message or tool results",
+                       param="messages")
     texts = [c for _, c in turns]
     if system:  # ChatGLM-6B has no system role: the system text opens the first user message
         texts[0] = "\n".join(system + [texts[0]])
