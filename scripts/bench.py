@@ -546,7 +546,7 @@ def main(argv=None) -> int:
         if device.type != "cpu":
             kernels = kernels[:1]
         if args.lora_adapters:
-            for row in bench_lora(cfg, device, dtype, quant, group, kernels[0], args):
+            for row in bench_lora(cfg, device, dtype, quant, group, kernels, args):
                 print(json.dumps(row), flush=True)
             continue
         for row in bench_model(cfg, device, dtype, quant, group, kernels, args, bandwidth):
@@ -561,7 +561,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def bench_lora(cfg, device, dtype, quant, group_size, kernel, args) -> list[dict]:
+def bench_lora(cfg, device, dtype, quant, group_size, kernels, args) -> list[dict]:
     """The decode step of each batch size with `--lora-adapters` random adapters on as many rows (the others on the
     base) against every row on the base; the fastest of `--repeats` runs of each, interleaved. Also the CPU time of
     the whole run (prefill included) per new token: on a machine shared with other work it moves less than the wall
@@ -572,10 +572,6 @@ def bench_lora(cfg, device, dtype, quant, group_size, kernel, args) -> list[dict
     n, r = args.lora_adapters, 8
     progress(f"building a random {cfg.num_layers}-block model with {n} LoRA adapters (r {r} on query_key_value)")
     model = build_random(cfg, device, dtype, quant, group_size, quant_lm_head=args.quant_lm_head)
-    if quant and kernel and kernel != "stock":
-        from glm.quant import set_cpu_kernel
-
-        set_cpu_kernel(model, kernel)
     bank = Adapters(model)
     g = torch.Generator().manual_seed(0)
     C = cfg.hidden_size
@@ -585,15 +581,20 @@ def bench_lora(cfg, device, dtype, quant, group_size, kernel, args) -> list[dict
                    for i in range(cfg.num_layers)}
         bank.add(f"adapter{k}", LoRAFactors(factors, scaling=16 / r))
     rows = []
-    for batch in args.batch:
+    for kernel, batch in [(k, b) for k in kernels for b in args.batch]:
+        if quant and kernel and kernel != "stock":
+            from glm.quant import set_cpu_kernel
+
+            set_cpu_kernel(model, kernel)
         prompts = random_prompts(cfg, batch, args.prompt)
         slots = torch.tensor([k + 1 if k < n else 0 for k in range(batch)], device=device)
         dec = GreedyDecoder(model, batch, args.prompt + args.new)
         times: dict[str, list[float]] = {"base": [], "lora": []}
         cpu: dict[str, list[float]] = {"base": [], "lora": []}
-        for i in range(args.repeats + 1):  # the first round warms up
-            for what, index in (("base", None), ("lora", slots)):
-                progress(f"batch {batch}, {'all rows on the base' if index is None else f'{n} adapters'}: run {i}")
+        for i in range(args.repeats + 1):  # the first round warms up; the order alternates
+            for what, index in (("base", None), ("lora", slots))[:: 1 if i % 2 else -1]:
+                rows_are = "all rows on the base" if index is None else f"{n} adapters"
+                progress(f"{kernel or ''} kernel, batch {batch}, {rows_are}: run {i}")
                 c0 = time.process_time()
                 with bank.use(index):
                     t = dec.run(prompts, args.new)[1]
