@@ -188,13 +188,13 @@ class ChatGLM:
         ids = check_ids(input_ids, self.config)
         if len(ids) > self.max_context:
             raise GenerationError(f"the prompt is {len(ids)} tokens, over the context limit of {self.max_context}")
-        batch = Batch.from_prompts([ids], self.config, self.device)
-        at = torch.arange(len(ids), device=self.device)[None] < len(ids) - 1  # (1, T): all but the last
         out = [(ids[0], None, [])]
         with self._logprobs_lock:
             if adapter is not None or self.tensor_parallel:  # through the runner: an adapter, or every rank
                 logits = self.logits(ids, adapter=adapter)[:-1].float()
             else:
+                batch = Batch.from_prompts([ids], self.config, self.device)
+                at = torch.arange(len(ids), device=self.device)[None] < len(ids) - 1  # (1, T): all but the last
                 logits = self.model(batch.ids, batch.position_ids,
                                     batch.mask(prefix=self.config.pre_seq_len or 0), logits_at=at)  # (T - 1, V)
             nxt = torch.tensor(ids[1:], device=self.device)[:, None]
